@@ -1,0 +1,385 @@
+#!/usr/bin/env python
+"""Train the default CNN encoder (simsearch/cnn.py) from the corpus manifest.
+
+Recipe (CPU, 2 threads):
+
+    .venv/bin/python scripts/train_encoder.py --corpus ~/.cache/simsearch/corpus \
+        --out simsearch/weights/cnn-v1.pt
+
+1. Reads ``<corpus>/manifest.jsonl`` and caches every clip's log-mel once
+   (``simsearch.cnn.preprocess`` + ``simsearch.cnn.log_mel``, float16 memmap under
+   ``<corpus>/_cache/``), exactly the features used at inference.
+2. Holds out whole ``group``s per ``source`` (~10 % of each source's clips) as
+   validation; the rest trains.
+3. Trains AudioCNN with additive-margin softmax over the weak labels (optionally
+   plus supervised contrastive loss over two views), heavy augmentation in the
+   mel-power domain (speed/pitch resampling, gain, noise, mixing, reverb tail,
+   telephone band-limit, SpecAugment), one-cycle AdamW.
+4. After each epoch embeds the held-out clips (full length) and scores 1-NN label
+   retrieval among them; keeps the best epoch by the macro mean over sources.
+
+FSDD is never read here.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import sys
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from simsearch import cnn  # noqa: E402
+
+
+def log(*a):
+    print(time.strftime("%H:%M:%S"), *a, flush=True)
+
+
+# ----------------------------------------------------------------------------- data
+def load_manifest(corpus: Path) -> list[dict]:
+    with open(corpus / "manifest.jsonl") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def read_clip(path: Path) -> np.ndarray:
+    x, sr = sf.read(str(path), dtype="float32", always_2d=True)
+    x = x.mean(1)
+    if sr != cnn.SAMPLE_RATE:
+        import soxr
+        x = soxr.resample(x, sr, cnn.SAMPLE_RATE, quality="HQ").astype(np.float32)
+    return x
+
+
+def cache_mels(corpus: Path, entries: list[dict]):
+    """Return (mels float16 (N_MELS, total_frames) memmap, offsets, lengths) for entries."""
+    key = hashlib.sha1(json.dumps([[e["path"] for e in entries], cnn.N_MELS, cnn.N_FFT, cnn.HOP_LENGTH,
+                                   cnn.FMIN, cnn.FMAX, cnn.LOG_EPS, cnn.TRIM_TOP_DB, cnn.TRIM_MARGIN,
+                                   cnn.MIN_SAMPLES]).encode()).hexdigest()[:12]
+    cdir = corpus / "_cache"
+    cdir.mkdir(exist_ok=True)
+    mel_path, idx_path = cdir / f"cnn-mels-{key}.npy", cdir / f"cnn-mels-{key}.index.npz"
+    if not idx_path.exists():
+        t0 = time.time()
+        lengths = np.zeros(len(entries), np.int64)
+        chunks = []
+        with torch.inference_mode():
+            for i, e in enumerate(entries):
+                x = cnn.preprocess(read_clip(corpus / e["path"]))
+                m = cnn.log_mel(torch.from_numpy(x)[None])[0].numpy().astype(np.float16)
+                chunks.append(m)
+                lengths[i] = m.shape[1]
+                if i % 5000 == 0:
+                    log(f"  mel cache {i}/{len(entries)}")
+        offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        mm = np.lib.format.open_memmap(mel_path, "w+", np.float16, (cnn.N_MELS, int(lengths.sum())))
+        for o, m in zip(offsets, chunks):
+            mm[:, o:o + m.shape[1]] = m
+        mm.flush()
+        del mm, chunks
+        np.savez(idx_path, offsets=offsets, lengths=lengths)
+        log(f"cached {len(entries)} clips, {lengths.sum()} frames in {time.time() - t0:.0f} s -> {mel_path}")
+    idx = np.load(idx_path)
+    return np.load(mel_path, mmap_mode="r"), idx["offsets"], idx["lengths"]
+
+
+def stable_hash(s: str, seed: int) -> str:
+    return hashlib.sha1(f"{seed}:{s}".encode()).hexdigest()
+
+
+def split_groups(entries: list[dict], frac: float, seed: int) -> np.ndarray:
+    """Boolean mask of validation clips: whole groups, ~frac of each source."""
+    by_source = defaultdict(Counter)
+    for e in entries:
+        by_source[e["source"]][e["group"]] += 1
+    held = set()
+    for source, groups in sorted(by_source.items()):
+        if len(groups) < 2:
+            continue
+        target, total = frac * sum(groups.values()), 0
+        for g in sorted(groups, key=lambda g: stable_hash(g, seed)):
+            if total >= target:
+                break
+            if total + groups[g] <= 1.5 * target:
+                held.add(g)
+                total += groups[g]
+        if total == 0:
+            held.add(min(groups, key=groups.get))
+    return np.array([e["group"] in held for e in entries])
+
+
+# ----------------------------------------------------------------------------- batches
+def make_batches(lengths: np.ndarray, idx: np.ndarray, batch: int, rng) -> list[np.ndarray]:
+    """Shuffle, then sort by length inside chunks of 32 batches so crops waste little padding."""
+    idx = rng.permutation(idx)
+    out = []
+    for c in range(0, len(idx), 32 * batch):
+        chunk = idx[c:c + 32 * batch]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        out += [chunk[b:b + batch] for b in range(0, len(chunk), batch)]
+    return [out[i] for i in rng.permutation(len(out)) if len(out[i]) > 1]
+
+
+def crop_batch(mels, offsets, lengths, ids, crop: int, rng, augment: bool):
+    """Random crop with speed (time resampling) and pitch (mel-axis shift) jitter.
+
+    Returns X (B, N_MELS, L) float32 padded with log(LOG_EPS), and valid lengths (B,).
+    """
+    lens = lengths[ids]
+    L = int(min(crop, lens.max()))
+    X = np.full((len(ids), cnn.N_MELS, L), math.log(cnn.LOG_EPS), np.float32)
+    out_len = np.zeros(len(ids), np.int64)
+    fgrid = np.arange(cnn.N_MELS, dtype=np.float64)
+    for b, i in enumerate(ids):
+        m = np.asarray(mels[:, offsets[i]:offsets[i] + lens[b]], dtype=np.float32)
+        r = math.exp(rng.uniform(-0.15, 0.15)) if augment else 1.0
+        n = min(L, int((lens[b] - 1) / r) + 1)
+        start = rng.uniform(0, lens[b] - 1 - (n - 1) * r) if augment else (lens[b] - n) // 2
+        pos = np.clip(start + r * np.arange(n), 0, lens[b] - 1)
+        p0 = np.floor(pos).astype(np.int64)
+        p1 = np.minimum(p0 + 1, lens[b] - 1)
+        w = (pos - p0)[None].astype(np.float32)
+        m = m[:, p0] * (1 - w) + m[:, p1] * w
+        if augment and rng.random() < 0.7:
+            fpos = np.clip(fgrid - rng.uniform(-2, 2), 0, cnn.N_MELS - 1)
+            f0 = np.floor(fpos).astype(np.int64)
+            f1 = np.minimum(f0 + 1, cnn.N_MELS - 1)
+            fw = (fpos - f0)[:, None].astype(np.float32)
+            m = m[f0] * (1 - fw) + m[f1] * fw
+        X[b, :, :n] = m
+        out_len[b] = n
+    return torch.from_numpy(X), torch.from_numpy(out_len)
+
+
+_CENTRES = None
+
+
+def mel_centres() -> torch.Tensor:
+    global _CENTRES
+    if _CENTRES is None:
+        import librosa
+        hz = librosa.mel_frequencies(cnn.N_MELS + 2, fmin=cnn.FMIN, fmax=cnn.FMAX)[1:-1]
+        _CENTRES = torch.tensor(hz, dtype=torch.float32)
+    return _CENTRES
+
+
+def augment(X: torch.Tensor, lengths: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Gain / mix / noise / reverb / band-limit in mel power, then SpecAugment. X: (B, F, T) log-mel."""
+    B, Fq, T = X.shape
+    eps = cnn.LOG_EPS
+    U = lambda *s: torch.rand(*s, generator=g)  # noqa: E731
+    valid = (torch.arange(T)[None, :] < lengths[:, None]).float()[:, None, :]  # (B,1,T)
+    P = (X.exp() - eps).clamp(min=0) * valid
+    level = lambda p: (p.sum((1, 2)) / (valid.sum((1, 2)) * Fq)).clamp(min=1e-12)[:, None, None]  # noqa: E731
+    P = P * 10 ** (U(B, 1, 1) * 1.6 - 1.0)  # gain -10..+6 dB
+    # mix another clip of the batch 6-20 dB below
+    lvl = level(P)
+    perm = torch.roll(torch.arange(B), 1)
+    mix = (U(B, 1, 1) < 0.25).float() * 10 ** (-(6 + 14 * U(B, 1, 1)) / 10)
+    P = P + mix * P[perm] * lvl / level(P[perm]) * valid
+    # reverb-like exponential tail (RT60 0.15-0.8 s), wet -12..0 dB
+    rev = (U(B) < 0.3).nonzero().flatten()
+    if len(rev):
+        rt = 0.15 + 0.65 * U(len(rev), 1)
+        k = torch.arange(1, 81, dtype=torch.float32)[None]
+        kern = 10 ** (-6 * k / (rt * 100)) * 10 ** (-12 * U(len(rev), 1) / 10) * 0.1
+        kern = torch.cat([torch.ones(len(rev), 1), kern], 1)  # (R, 81), dry tap first
+        n = T + 81
+        Pr = torch.fft.irfft(torch.fft.rfft(P[rev], n) * torch.fft.rfft(kern, n)[:, None], n)[..., :T]
+        P[rev] = Pr.clamp(min=0) * valid[rev]
+    # coloured noise at 0-30 dB SNR
+    lvl = level(P)
+    slope = -2 + 2.5 * U(B, 1, 1)
+    shape = (mel_centres()[None, :, None] / 1000) ** slope
+    shape = shape / shape.mean(1, keepdim=True)
+    noise = shape * torch.exp(0.6 * torch.randn(B, Fq, T, generator=g)) * lvl * 10 ** (-30 * U(B, 1, 1) / 10)
+    P = P + (U(B, 1, 1) < 0.5).float() * noise * valid
+    # telephone band: half the batch loses everything above 3.2-4 kHz (some also below 100-300 Hz)
+    c = mel_centres()[None, :, None]
+    tel = (U(B, 1, 1) < 0.5).float()
+    hi = 3200 + 800 * U(B, 1, 1)
+    att = torch.where(c > hi, 10 ** (-(4 + 5 * U(B, 1, 1))), torch.ones(()))
+    lo = (U(B, 1, 1) < 0.5).float()
+    att = att * torch.where(c < 100 + 200 * U(B, 1, 1), 1 - lo * (1 - 10 ** (-(1 + 2 * U(B, 1, 1)))), torch.ones(()))
+    P = P * (tel * att + (1 - tel))
+    X = torch.log(P + eps)
+    # SpecAugment: one frequency and one time mask, filled with the clip mean
+    mean = (X * valid).sum((1, 2), keepdim=True) / (valid.sum((1, 2), keepdim=True) * Fq)
+    fw = (U(B, 1, 1) * 9).floor()
+    f0 = (U(B, 1, 1) * (Fq - fw)).floor()
+    fi = torch.arange(Fq)[None, :, None]
+    tw = (U(B, 1, 1) * 0.15 * lengths[:, None, None]).floor()
+    t0 = (U(B, 1, 1) * (lengths[:, None, None] - tw)).floor()
+    ti = torch.arange(T)[None, None, :]
+    m = ((fi >= f0) & (fi < f0 + fw)) | ((ti >= t0) & (ti < t0 + tw))
+    return torch.where(m, mean, X) * valid + math.log(eps) * (1 - valid)
+
+
+# ----------------------------------------------------------------------------- losses
+class AMSoftmax(torch.nn.Module):
+    def __init__(self, dim: int, n_classes: int, scale: float, margin: float):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(n_classes, dim) * 0.01)
+        self.s, self.m = scale, margin
+
+    def forward(self, emb, y):
+        cos = emb @ F.normalize(self.w, dim=1).T
+        logits = self.s * (cos - self.m * F.one_hot(y, cos.shape[1]))
+        return F.cross_entropy(logits, y), (cos.argmax(1) == y).float().mean()
+
+
+def supcon(emb: torch.Tensor, y: torch.Tensor, temp: float = 0.1) -> torch.Tensor:
+    sim = emb @ emb.T / temp
+    eye = torch.eye(len(y), dtype=torch.bool)
+    sim = sim.masked_fill(eye, -1e9)
+    pos = (y[:, None] == y[None, :]) & ~eye
+    logp = sim - torch.logsumexp(sim, 1, keepdim=True)
+    return -((logp * pos).sum(1) / pos.sum(1).clamp(min=1))[pos.any(1)].mean()
+
+
+# ----------------------------------------------------------------------------- validation
+def embed_cached(model, mels, offsets, lengths, ids, batch_frames=24000) -> np.ndarray:
+    model.eval()
+    out = np.zeros((len(ids), cnn.EMBEDDING_DIM), np.float32)
+    order = np.argsort(lengths[ids], kind="stable")
+    with torch.inference_mode():
+        s = 0
+        while s < len(order):
+            e = s + 1
+            while e < len(order) and (e + 1 - s) * lengths[ids[order[e]]] <= batch_frames:
+                e += 1
+            sel = order[s:e]
+            L = int(lengths[ids[sel[-1]]])
+            X = torch.zeros(len(sel), cnn.N_MELS, L)
+            for r, j in enumerate(sel):
+                i = ids[j]
+                X[r, :, :lengths[i]] = torch.from_numpy(np.asarray(mels[:, offsets[i]:offsets[i] + lengths[i]], np.float32))
+            out[sel] = model(X, torch.from_numpy(lengths[ids[sel]])).numpy()
+            s = e
+    return out
+
+
+def retrieval(emb: np.ndarray, labels: list[str], sources: list[str]) -> dict:
+    """1-NN (cosine, self excluded) label accuracy among the given clips, per source + macro."""
+    sim = emb @ emb.T
+    np.fill_diagonal(sim, -np.inf)
+    nn_ = sim.argmax(1)
+    counts = Counter(labels)
+    hits = defaultdict(list)
+    for i, (lab, src) in enumerate(zip(labels, sources)):
+        if counts[lab] > 1:
+            hits[src].append(labels[nn_[i]] == lab)
+    res = {s: (float(np.mean(h)), len(h)) for s, h in sorted(hits.items())}
+    ok = [a for a, n in res.values() if n >= 20]
+    res["macro"] = (float(np.mean(ok)) if ok else 0.0, sum(n for _, n in res.values()))
+    return res
+
+
+# ----------------------------------------------------------------------------- main
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--corpus", type=Path, default=Path.home() / ".cache/simsearch/corpus")
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "simsearch/weights/cnn-v1.pt")
+    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--crop", type=int, default=96, help="training crop, frames (10 ms)")
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--scale", type=float, default=30.0)
+    ap.add_argument("--margin", type=float, default=0.2)
+    ap.add_argument("--supcon", type=float, default=0.0, help="weight of SupCon loss (2 views per clip if > 0)")
+    ap.add_argument("--val-frac", type=float, default=0.1)
+    ap.add_argument("--val-max", type=int, default=3000, help="cap on validation clips (seeded subsample)")
+    ap.add_argument("--max-train", type=int, default=0, help="debug: subsample training clips")
+    ap.add_argument("--max-minutes", type=float, default=0, help="safety stop (keeps best epoch so far)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    t_start = time.time()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+
+    entries = load_manifest(args.corpus)
+    log(f"{len(entries)} clips; sources {dict(Counter(e['source'] for e in entries))}")
+    mels, offsets, lengths = cache_mels(args.corpus, entries)
+    is_val = split_groups(entries, args.val_frac, args.seed)
+    val_groups = sorted({e["group"] for e, v in zip(entries, is_val) if v})
+    log(f"validation: {is_val.sum()} clips from groups {val_groups}")
+    val_ids = np.flatnonzero(is_val)
+    if len(val_ids) > args.val_max:
+        val_ids = np.sort(np.random.default_rng(1).choice(val_ids, args.val_max, replace=False))
+    tr_ids = np.flatnonzero(~is_val)
+    if args.max_train:
+        tr_ids = np.sort(rng.choice(tr_ids, min(args.max_train, len(tr_ids)), replace=False))
+    classes = sorted({entries[i]["label"] for i in tr_ids})
+    cls_of = {c: k for k, c in enumerate(classes)}
+    y_all = np.array([cls_of.get(e["label"], -1) for e in entries])
+    val_labels = [entries[i]["label"] for i in val_ids]
+    val_sources = [entries[i]["source"] for i in val_ids]
+    log(f"train {len(tr_ids)} clips / {len(classes)} labels; val {len(val_ids)} clips")
+
+    model = cnn.AudioCNN().to(memory_format=torch.channels_last)
+    head = AMSoftmax(cnn.EMBEDDING_DIM, len(classes), args.scale, args.margin)
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"AudioCNN {n_params} parameters")
+    params = list(model.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
+    views = 2 if args.supcon > 0 else 1
+    per_batch = args.batch // views
+    steps = args.epochs * len(make_batches(lengths, tr_ids, per_batch, np.random.default_rng(0)))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=steps, pct_start=0.15)
+
+    best, history = -1.0, []
+    res = retrieval(embed_cached(model, mels, offsets, lengths, val_ids), val_labels, val_sources)
+    log(f"epoch 0 (random init) val {res}")
+    for epoch in range(1, args.epochs + 1):
+        model.train()
+        t0, tot, acc, n = time.time(), 0.0, 0.0, 0
+        for ids in make_batches(lengths, tr_ids, per_batch, rng):
+            ids = np.repeat(ids, views)
+            X, L = crop_batch(mels, offsets, lengths, ids, args.crop, rng, True)
+            X = augment(X, L, gen)
+            y = torch.from_numpy(y_all[ids])
+            emb = model(X, L)
+            loss, a = head(emb, y)
+            if args.supcon > 0:
+                loss = loss + args.supcon * supcon(emb, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 5.0)
+            opt.step()
+            sched.step()
+            tot, acc, n = tot + loss.item(), acc + a.item(), n + 1
+        t_train = time.time() - t0
+        res = retrieval(embed_cached(model, mels, offsets, lengths, val_ids), val_labels, val_sources)
+        score = res["macro"][0]
+        history.append(dict(epoch=epoch, loss=tot / n, train_acc=acc / n, val=res, train_s=t_train,
+                            total_s=time.time() - t0))
+        flag = ""
+        if score > best:
+            best, flag = score, " *best*"
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({k: v.contiguous() for k, v in model.state_dict().items()}, args.out)
+        log(f"epoch {epoch}/{args.epochs} loss {tot / n:.3f} acc {acc / n:.3f} train {t_train:.0f}s "
+            f"(+val {time.time() - t0 - t_train:.0f}s) val {json.dumps(res)}{flag}")
+        if args.max_minutes and time.time() - t_start > args.max_minutes * 60:
+            log("time budget reached, stopping")
+            break
+    log(f"best val macro {best:.4f}; total {(time.time() - t_start) / 60:.1f} min; weights -> {args.out}")
+    (args.corpus / "_cache" / "train_log.json").write_text(json.dumps(
+        dict(args={k: str(v) for k, v in vars(args).items()}, n_params=n_params, n_train=len(tr_ids),
+             n_classes=len(classes), val_groups=val_groups, n_val=len(val_ids), history=history,
+             total_min=(time.time() - t_start) / 60), indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,199 @@
+"""The ``simsearch`` command: a thin typer layer over :class:`simsearch.Engine`.
+
+Exit codes: 0 success, 1 some inputs could not be read (each reported, the rest done) or the
+index could not be used, 2 usage error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Local, offline audio similarity search: index a folder, query a clip, teach a category.")
+
+IndexOpt = typer.Option(None, "--index", envvar="SIMSEARCH_INDEX", help="Index directory [default: ./index].",
+                        show_default=False)
+QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bar or summary.")
+JsonOpt = typer.Option(False, "--json", help="Machine-readable output (see README for the schema).")
+
+
+def _err(message: str) -> None:
+    typer.echo(message, err=True)
+
+
+@contextlib.contextmanager
+def _engine(index: Optional[Path], encoder: Optional[str] = None):
+    from .engine import Engine
+    from .errors import EncoderMismatchError, SimsearchError, UsageError
+
+    try:
+        with Engine(index, encoder=encoder) as engine:
+            yield engine
+    except (UsageError, EncoderMismatchError) as e:
+        _err(f"Error: {e}")
+        raise typer.Exit(2)
+    except SimsearchError as e:
+        _err(f"Error: {e}")
+        raise typer.Exit(1)
+
+
+@contextlib.contextmanager
+def _progress(description: str, enabled: bool):
+    """A rich progress bar with count and ETA; yields a ``progress(done, total)`` callback."""
+    if not enabled:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  transient=True, console=None) as bar:
+        task = bar.add_task(description, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
+
+
+def _report_failures(failed) -> int:
+    for path, reason in failed:
+        _err(f"skipped {path}: {reason}")
+    return 1 if failed else 0
+
+
+@app.command()
+def index(paths: list[Path] = typer.Argument(..., help="Audio files or folders (searched recursively)."),
+          label_from_folders: bool = typer.Option(False, "--label-from-folders", help="Parent folder name is the label."),
+          label_regex: Optional[str] = typer.Option(None, "--label-regex", help="Label = group 1 of this regex over the file name."),
+          prune: bool = typer.Option(False, "--prune", help="Delete indexed files under PATHS that no longer exist."),
+          encoder: Optional[str] = typer.Option(None, "--encoder", help="Encoder for a new index: cnn (default) or features."),
+          index: Optional[Path] = IndexOpt, quiet: bool = QuietOpt, as_json: bool = JsonOpt):
+    """Index audio files; re-running picks up only new, changed and moved files."""
+    if label_from_folders and label_regex:
+        _err("Error: use --label-from-folders or --label-regex, not both")
+        raise typer.Exit(2)
+    with _engine(index, encoder) as engine, _progress("indexing", not (quiet or as_json)) as progress:
+        report = engine.index(paths, label_from_folders=label_from_folders, label_regex=label_regex, prune=prune,
+                              progress=progress)
+    if as_json:
+        typer.echo(json.dumps(report.to_dict()))
+    elif not quiet:
+        typer.echo(f"{len(report.added)} added, {len(report.moved)} moved, {len(report.unchanged)} unchanged, "
+                   f"{len(report.pruned)} pruned, {len(report.failed)} failed")
+    raise typer.Exit(_report_failures(report.failed))
+
+
+@app.command()
+def query(clips: list[Path] = typer.Argument(..., help="Clips (or folders of clips) to look up."),
+          k: int = typer.Option(5, "-k", min=1, help="How many neighbours to return."),
+          include: list[str] = typer.Option([], "--include", help="Only neighbours whose path matches this glob (repeatable)."),
+          exclude: list[str] = typer.Option([], "--exclude", help="No neighbours whose path matches this glob (repeatable)."),
+          unknown_threshold: Optional[float] = typer.Option(None, "--unknown-threshold",
+                                                             help="Answer 'unknown' below this similarity [default: the encoder's]."),
+          index: Optional[Path] = IndexOpt, quiet: bool = QuietOpt, as_json: bool = JsonOpt):
+    """Find the most similar indexed clips and categorise each clip by a neighbour vote."""
+    errors: list = []
+    with _engine(index) as engine:
+        results = engine.query(clips, k=k, include=include, exclude=exclude, unknown_threshold=unknown_threshold,
+                               errors=errors)
+    for result in results:
+        if as_json:
+            typer.echo(json.dumps(result.to_dict()))
+            continue
+        category = (f"{result.category.label} (confidence {result.category.confidence:.2f})"
+                    if result.category else "unknown")
+        typer.echo(f"{result.path}\n  category: {category}")
+        for n, neighbour in enumerate(result.neighbours, 1):
+            span = f" [{neighbour.start:.1f}-{neighbour.end:.1f} s]" if neighbour.end - neighbour.start else ""
+            typer.echo(f"  {n:>2}. {neighbour.score:.3f}  {neighbour.path}{span}"
+                       + (f"  ({neighbour.label})" if neighbour.label else ""))
+    raise typer.Exit(_report_failures(errors))
+
+
+@app.command()
+def label(name: str = typer.Argument(..., help="The category to give."),
+          clips: list[Path] = typer.Argument(..., help="Clips (indexed or not) that are examples of it."),
+          index: Optional[Path] = IndexOpt, quiet: bool = QuietOpt, as_json: bool = JsonOpt):
+    """Teach a category from a few examples; clips not yet indexed are added."""
+    with _engine(index) as engine, _progress("labelling", not (quiet or as_json)) as progress:
+        report = engine.label(name, clips, progress=progress)
+        count = engine.labels().get(name, 0)
+    if as_json:
+        typer.echo(json.dumps({"label": name, "files": count, **report.to_dict()}))
+    elif not quiet:
+        typer.echo(f"{name}: {count} labelled files ({len(report.added)} newly indexed)")
+    raise typer.Exit(_report_failures(report.failed))
+
+
+@app.command()
+def unlabel(clips: list[Path] = typer.Argument(...), index: Optional[Path] = IndexOpt):
+    """Remove the label of indexed clips (they stay searchable)."""
+    with _engine(index) as engine:
+        typer.echo(f"{engine.unlabel(clips)} labels removed")
+
+
+@app.command()
+def labels(index: Optional[Path] = IndexOpt, as_json: bool = JsonOpt):
+    """List categories and how many files carry each."""
+    with _engine(index) as engine:
+        counts = engine.labels()
+    if as_json:
+        typer.echo(json.dumps(counts))
+    else:
+        for name, count in counts.items():
+            typer.echo(f"{count:>7}  {name}")
+
+
+@app.command()
+def remove(paths: list[Path] = typer.Argument(..., help="Indexed files or folders to delete from the index."),
+           index: Optional[Path] = IndexOpt, quiet: bool = QuietOpt):
+    """Delete files from the index (SQLite and FAISS); the audio files are not touched."""
+    with _engine(index) as engine:
+        removed = engine.remove(paths)
+    if not quiet:
+        typer.echo(f"{len(removed)} files removed")
+
+
+@app.command()
+def info(index: Optional[Path] = IndexOpt, as_json: bool = JsonOpt):
+    """Counts, encoder, FAISS index type and size on disk."""
+    with _engine(index) as engine:
+        data = engine.info()
+        failures = len(engine.failures())
+    if as_json:
+        typer.echo(json.dumps(data))
+        return
+    for key in ("files", "segments", "encoder", "index_type", "bytes"):
+        typer.echo(f"{key:>10}: {data[key]}")
+    typer.echo(f"{'labels':>10}: " + (", ".join(f"{k} ({v})" for k, v in data["labels"].items()) or "none"))
+    if failures:
+        typer.echo(f"{'unreadable':>10}: {failures} files (see `simsearch failures`)")
+
+
+@app.command()
+def failures(index: Optional[Path] = IndexOpt):
+    """Files that could not be read, with the reason."""
+    with _engine(index) as engine:
+        for path, reason in engine.failures():
+            typer.echo(f"{path}: {reason}")
+
+
+@app.command()
+def reembed(encoder: str = typer.Option(..., "--encoder", help="Encoder to re-embed every indexed file with."),
+            index: Optional[Path] = IndexOpt, quiet: bool = QuietOpt):
+    """Re-embed the whole index with another encoder (labels kept; atomic)."""
+    with _engine(index) as engine, _progress("re-embedding", not quiet) as progress:
+        report = engine.reembed(encoder, progress=progress)
+    if not quiet:
+        typer.echo(f"{len(report.added)} files re-embedded with {encoder}, {len(report.failed)} failed")
+    raise typer.Exit(_report_failures(report.failed))
+
+
+def main() -> None:
+    app(prog_name="simsearch")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,230 @@
+"""Compact CNN audio encoder: waveform -> log-mel -> CNN -> L2-normalised embedding.
+
+The same :func:`preprocess` and :func:`log_mel` are used to cache training
+features (``scripts/train_encoder.py``) and at inference
+(:func:`embed_waveforms`), so training and serving see identical features.
+Importing this module only defines things; weights load on
+:func:`load_default`.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.resources
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SAMPLE_RATE = 16000  #: Hz, input sample rate expected by everything here.
+N_MELS = 64  #: mel bands.
+N_FFT = 400  #: STFT size and Hann window length in samples (25 ms).
+HOP_LENGTH = 160  #: STFT hop in samples (10 ms), i.e. 100 frames per second.
+FMIN = 50.0  #: Hz, lowest mel band edge.
+FMAX = 8000.0  #: Hz, highest mel band edge.
+LOG_EPS = 1e-6  #: floor added to mel power before the natural log.
+EMBEDDING_DIM = 128  #: size of the output embedding.
+CHANNELS = (24, 48, 96, 192)  #: conv widths of the four blocks.
+MODEL_NAME = "cnn"
+MODEL_VERSION = "1"
+WEIGHTS_FILE = "cnn-v1.pt"
+
+TRIM_TOP_DB = 40.0  #: frames quieter than (loudest frame - this) are trimmed at the ends.
+TRIM_MARGIN = 2 * HOP_LENGTH  #: samples of context kept either side of the trimmed region.
+MIN_SAMPLES = 4000  #: clips shorter than this (0.25 s) are zero-padded, centred.
+_MIN_FRAMES = 2 ** len(CHANNELS)  # the network halves time once per block
+
+
+def preprocess(wave: np.ndarray) -> np.ndarray:
+    """Trim quiet ends, peak-normalise and pad a waveform.
+
+    Parameters
+    ----------
+    wave : np.ndarray, shape (N,)
+        Mono audio at :data:`SAMPLE_RATE`, any scale, N >= 1 samples.
+
+    Returns
+    -------
+    np.ndarray, shape (M,), float32
+        Peak amplitude 1 (unless silent), M >= :data:`MIN_SAMPLES`. Frames (25 ms,
+        10 ms hop) more than :data:`TRIM_TOP_DB` below the loudest one are cut
+        from both ends, keeping :data:`TRIM_MARGIN` samples of context.
+    """
+    x = np.nan_to_num(np.asarray(wave, dtype=np.float64).reshape(-1))
+    if x.size >= N_FFT:
+        x = x - x.mean()  # DC offset would fool the trimmer and the peak
+        n_frames = 1 + (x.size - N_FFT) // HOP_LENGTH
+        idx = np.arange(N_FFT)[None, :] + HOP_LENGTH * np.arange(n_frames)[:, None]
+        energy = np.mean(x[idx] ** 2, axis=1)
+        peak_energy = energy.max()
+        if peak_energy > 0:
+            loud = np.flatnonzero(energy >= peak_energy * 10 ** (-TRIM_TOP_DB / 10))
+            start = max(0, loud[0] * HOP_LENGTH - TRIM_MARGIN)
+            stop = min(x.size, loud[-1] * HOP_LENGTH + N_FFT + TRIM_MARGIN)
+            x = x[start:stop]
+    peak = np.abs(x).max() if x.size else 0.0
+    if peak > 0:
+        x = x / peak
+    if x.size < MIN_SAMPLES:
+        left = (MIN_SAMPLES - x.size) // 2
+        x = np.pad(x, (left, MIN_SAMPLES - x.size - left))
+    return x.astype(np.float32)
+
+
+def n_frames(n_samples: int | torch.Tensor) -> int | torch.Tensor:
+    """Number of :func:`log_mel` frames for a clip of ``n_samples`` samples."""
+    return n_samples // HOP_LENGTH + 1
+
+
+@functools.lru_cache(maxsize=None)
+def _mel_basis() -> torch.Tensor:
+    import librosa
+
+    fb = librosa.filters.mel(sr=SAMPLE_RATE, n_fft=N_FFT, n_mels=N_MELS, fmin=FMIN, fmax=FMAX)
+    return torch.from_numpy(fb.astype(np.float32))  # (N_MELS, N_FFT // 2 + 1)
+
+
+def log_mel(waves: torch.Tensor) -> torch.Tensor:
+    """Log-mel spectrogram.
+
+    Parameters
+    ----------
+    waves : torch.Tensor, shape (B, N), float32
+        Audio at :data:`SAMPLE_RATE`. Zero-padding at the end of a row leaves the
+        first ``n_frames(true_length)`` frames of that row unchanged.
+
+    Returns
+    -------
+    torch.Tensor, shape (B, N_MELS, T), float32
+        ``log(mel_power + LOG_EPS)`` (natural log of the Slaney-normalised mel
+        filter bank applied to the |STFT|^2, Hann window, centred frames with
+        zero padding), ``T = N // HOP_LENGTH + 1``.
+    """
+    window = torch.hann_window(N_FFT, dtype=waves.dtype, device=waves.device)
+    spec = torch.stft(waves, N_FFT, HOP_LENGTH, N_FFT, window, center=True,
+                      pad_mode="constant", return_complex=True)
+    power = spec.real ** 2 + spec.imag ** 2  # (B, N_FFT//2+1, T)
+    mel = torch.matmul(_mel_basis().to(waves.device, waves.dtype), power)
+    return torch.log(mel + LOG_EPS)
+
+
+def _time_mask(lengths: torch.Tensor, t: int) -> torch.Tensor:
+    return torch.arange(t, device=lengths.device)[None, :] < lengths[:, None]  # (B, T)
+
+
+class AudioCNN(nn.Module):
+    """CNN over log-mel, pooled over time, L2-normalised output.
+
+    Four blocks of (conv3x3-BN-ReLU) x 2 + 2x2 max-pool with widths
+    :data:`CHANNELS`, frequency averaged, then masked mean+max over time and a
+    linear projection to :data:`EMBEDDING_DIM`. Input is standardised per clip
+    (mean/std over its valid frames), so a constant gain offset in log-mel
+    does not matter. Activations past each clip's true length are zeroed after
+    every conv, so a clip in a padded batch gives what it gives alone.
+
+    Parameters
+    ----------
+    channels : tuple of int
+        Widths of the four blocks.
+    embedding_dim : int
+        Output dimension.
+    """
+
+    def __init__(self, channels: Sequence[int] = CHANNELS, embedding_dim: int = EMBEDDING_DIM):
+        super().__init__()
+        convs, c_in = [], 1
+        for c in channels:
+            for _ in range(2):
+                convs.append(nn.Sequential(nn.Conv2d(c_in, c, 3, padding=1, bias=False),
+                                           nn.BatchNorm2d(c), nn.ReLU(inplace=True)))
+                c_in = c
+        self.convs = nn.ModuleList(convs)
+        self.proj = nn.Linear(2 * c_in, embedding_dim)
+
+    def forward(self, mels: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Embed a (padded) batch of log-mels.
+
+        Parameters
+        ----------
+        mels : torch.Tensor, shape (B, N_MELS, T), float32
+            Output of :func:`log_mel`; rows may be padded past their length.
+        lengths : torch.Tensor, shape (B,), int64, optional
+            Valid frames per row (default: all T). Each must be >= 16.
+
+        Returns
+        -------
+        torch.Tensor, shape (B, EMBEDDING_DIM), float32
+            Unit-norm embeddings.
+        """
+        b, _, t = mels.shape
+        if lengths is None:
+            lengths = torch.full((b,), t, dtype=torch.long, device=mels.device)
+        mask = _time_mask(lengths, t)[:, None, :].to(mels.dtype)  # (B, 1, T)
+        count = lengths.to(mels.dtype)[:, None, None] * mels.shape[1]
+        mean = (mels * mask).sum((1, 2), keepdim=True) / count
+        var = (((mels - mean) * mask) ** 2).sum((1, 2), keepdim=True) / count
+        x = ((mels - mean) / torch.sqrt(var + 1e-5) * mask)[:, None]  # (B, 1, F, T)
+        for i, conv in enumerate(self.convs):
+            x = conv(x) * mask[:, :, None, :]
+            if i % 2 == 1:
+                x = F.max_pool2d(x, 2)
+                lengths = lengths // 2
+                mask = _time_mask(lengths, x.shape[-1])[:, None, :].to(x.dtype)
+                x = x * mask[:, :, None, :]
+        x = x.mean(2)  # (B, C, T') average over frequency
+        mean = x.sum(2) / lengths.clamp(min=1).to(x.dtype)[:, None]
+        peak = x.masked_fill(mask == 0, float("-inf")).amax(2)
+        return F.normalize(self.proj(torch.cat([mean, peak], 1)), dim=1)
+
+
+@functools.lru_cache(maxsize=1)
+def load_default() -> AudioCNN:
+    """Return the shipped encoder (``simsearch/weights/cnn-v1.pt``), eval mode, cached."""
+    ref = importlib.resources.files("simsearch") / "weights" / WEIGHTS_FILE
+    with importlib.resources.as_file(ref) as path:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    model = AudioCNN()
+    model.load_state_dict(state)
+    return model.eval().requires_grad_(False)
+
+
+def embed_waveforms(model: AudioCNN, waves: Sequence[np.ndarray], batch_frames: int = 32000) -> np.ndarray:
+    """Embed raw waveforms.
+
+    Parameters
+    ----------
+    model : AudioCNN
+        Usually :func:`load_default`; switched to eval mode.
+    waves : sequence of np.ndarray, each shape (N_i,)
+        Mono audio at :data:`SAMPLE_RATE` (any N_i >= 1, any gain); see
+        :func:`preprocess` for trimming, normalising and padding.
+    batch_frames : int
+        Upper bound on padded frames per internal batch (memory knob only;
+        results do not depend on it beyond ~1e-6 float noise).
+
+    Returns
+    -------
+    np.ndarray, shape (len(waves), EMBEDDING_DIM), float32
+        Unit-norm embeddings, in input order. Deterministic on CPU.
+    """
+    model.eval()
+    clips = [preprocess(w) for w in waves]
+    out = np.zeros((len(clips), EMBEDDING_DIM), dtype=np.float32)
+    order = sorted(range(len(clips)), key=lambda i: clips[i].size)
+    with torch.inference_mode():
+        start = 0
+        while start < len(order):
+            stop = start + 1  # grow the batch while the padded size fits the budget
+            while stop < len(order) and (stop + 1 - start) * n_frames(clips[order[stop]].size) <= batch_frames:
+                stop += 1
+            idx = order[start:stop]
+            n_max = clips[idx[-1]].size
+            batch = torch.zeros(len(idx), n_max)
+            for row, i in enumerate(idx):
+                batch[row, : clips[i].size] = torch.from_numpy(clips[i])
+            lengths = torch.tensor([n_frames(clips[i].size) for i in idx])
+            out[idx] = model(log_mel(batch), lengths).numpy()
+            start = stop
+    return out

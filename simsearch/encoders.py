@@ -1,0 +1,118 @@
+"""Encoders turn segments of audio into L2-normalised vectors. They are pluggable and named.
+
+An encoder is any object with ``name``, ``version``, ``dim``, ``sample_rate``,
+``unknown_threshold`` and ``embed(waves) -> (n, dim) float32``. Two ship:
+
+``cnn``
+    The default: our CNN over log-mel spectrograms, trained on free audio
+    (see ``simsearch/weights/MODEL_CARD.md``).
+``features``
+    The handcrafted alternative: MFCC, chroma and spectral-contrast statistics,
+    standardised with fixed statistics of the same pre-training corpus.
+
+Every index records ``name`` and ``version`` and refuses vectors from any other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from functools import lru_cache
+from importlib import resources
+from typing import Protocol
+
+import numpy as np
+
+from .errors import UsageError
+from .features import HANDCRAFTED_DIM, handcrafted_stats
+
+
+class Encoder(Protocol):
+    name: str
+    version: str
+    dim: int
+    sample_rate: int
+    unknown_threshold: float
+    """Default similarity below which the vote answers "unknown" (calibrated per encoder)."""
+
+    def embed(self, waves: Sequence[np.ndarray]) -> np.ndarray:
+        """Embed mono float32 signals at ``sample_rate``: returns ``(len(waves), dim)`` float32, unit rows."""
+        ...
+
+
+def l2_normalise(vectors: np.ndarray) -> np.ndarray:
+    """Scale each row of an ``(n, d)`` array to unit length (zero rows stay zero)."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return (vectors / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+class FeaturesEncoder:
+    """Handcrafted statistics (:func:`simsearch.features.handcrafted_stats`), standardised.
+
+    Standardisation uses a fixed per-dimension mean and scale shipped with the package, so a
+    vector never depends on what else is in the index.
+    """
+
+    name = "features"
+    version = "1"
+    dim = HANDCRAFTED_DIM
+    sample_rate = 16000
+    unknown_threshold = 0.6
+
+    def __init__(self, mean: np.ndarray | None = None, scale: np.ndarray | None = None):
+        if mean is None or scale is None:
+            mean, scale = _shipped_scaler()
+        self.mean = np.asarray(mean, dtype=np.float32)
+        self.scale = np.asarray(scale, dtype=np.float32)
+
+    def raw(self, waves: Sequence[np.ndarray]) -> np.ndarray:
+        """Unstandardised statistics, ``(n, dim)``."""
+        out = np.empty((len(waves), self.dim), dtype=np.float32)
+        for i, wave in enumerate(waves):
+            out[i] = handcrafted_stats(wave, sample_rate=self.sample_rate)
+        return out
+
+    def embed(self, waves: Sequence[np.ndarray]) -> np.ndarray:
+        return l2_normalise((self.raw(waves) - self.mean) / self.scale)
+
+
+@lru_cache(maxsize=1)
+def _shipped_scaler() -> tuple[np.ndarray, np.ndarray]:
+    with resources.files("simsearch.weights").joinpath("features-v1.npz").open("rb") as f:
+        data = np.load(f, allow_pickle=False)
+        return data["mean"], data["scale"]
+
+
+class CNNEncoder:
+    """The trained CNN (:mod:`simsearch.cnn`); torch is imported only when this is built."""
+
+    name = "cnn"
+    sample_rate = 16000
+    unknown_threshold = 0.75
+
+    def __init__(self):
+        from . import cnn
+
+        self._cnn = cnn
+        self._model = cnn.load_default()
+        self.version = str(cnn.MODEL_VERSION)
+        self.dim = int(cnn.EMBEDDING_DIM)
+        self.sample_rate = int(cnn.SAMPLE_RATE)
+
+    def embed(self, waves: Sequence[np.ndarray]) -> np.ndarray:
+        if not len(waves):
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return l2_normalise(self._cnn.embed_waveforms(self._model, list(waves)))
+
+
+ENCODERS: dict[str, Callable[[], Encoder]] = {"cnn": CNNEncoder, "features": FeaturesEncoder}
+"""Encoder factories by name; register another by adding to this mapping."""
+
+
+def get_encoder(name: str) -> Encoder:
+    """Build the encoder registered under ``name`` (raises :class:`UsageError` if unknown)."""
+    try:
+        factory = ENCODERS[name]
+    except KeyError:
+        raise UsageError(f"unknown encoder {name!r}; choose one of: {', '.join(sorted(ENCODERS))}") from None
+    return factory()

@@ -1,0 +1,422 @@
+"""The engine composes the stages: read → segment → embed → store, and search → vote.
+
+:class:`Engine` is the public API; the CLI is a thin layer over it. Plain data in, plain
+data out: paths and strings in, dataclasses with ``to_dict()`` out.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import audio, search
+from .config import EngineConfig, default_index_dir
+from .encoders import Encoder, get_encoder
+from .errors import AudioReadError, UsageError
+from .store import Catalog, FileRecord, Store
+from .vote import Category
+
+Progress = Callable[[int, int], None]
+"""Called as ``progress(done, total)`` while a long operation runs."""
+
+
+@dataclass(frozen=True)
+class Neighbour:
+    """An indexed file similar to the query; ``start``/``end`` (s) is its best-matching segment."""
+
+    path: str
+    label: str | None
+    score: float
+    start: float
+    end: float
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "label": self.label, "score": round(self.score, 6),
+                "start": round(self.start, 3), "end": round(self.end, 3)}
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    """Answer for one query clip: its category (``None`` = unknown) and neighbours, best first."""
+
+    path: str
+    category: Category | None
+    neighbours: list[Neighbour]
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "category": self.category.to_dict() if self.category else None,
+                "neighbours": [n.to_dict() for n in self.neighbours]}
+
+
+@dataclass
+class IndexReport:
+    """What an :meth:`Engine.index` run did, path by path."""
+
+    added: list[str] = field(default_factory=list)
+    moved: list[tuple[str, str]] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    pruned: list[str] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"added": len(self.added), "moved": len(self.moved), "unchanged": len(self.unchanged),
+                "pruned": len(self.pruned), "failed": [{"path": p, "reason": r} for p, r in self.failed]}
+
+
+@dataclass
+class _Job:
+    path: str
+    stat: os.stat_result
+    label: str | None
+    decoded: audio.Decoded | None = None
+
+
+class Engine:
+    """An index directory plus the encoder that fills it.
+
+    Parameters
+    ----------
+    index_dir : path, optional
+        Where the index lives (default ``$SIMSEARCH_INDEX`` or ``./index``).
+    encoder : str, optional
+        Encoder name for a new index. An existing index keeps the encoder it was built with;
+        naming another raises :class:`~simsearch.errors.EncoderMismatchError`.
+    config : EngineConfig
+    """
+
+    def __init__(self, index_dir: str | os.PathLike | None = None, *, encoder: str | None = None,
+                 config: EngineConfig = EngineConfig()):
+        self.config = config
+        self.store = Store(index_dir if index_dir is not None else default_index_dir())
+        self._encoder_name = encoder
+        self._encoder: Encoder | None = None
+        self._catalog: tuple[int, Catalog] | None = None
+
+    # ---- encoder -----------------------------------------------------------------------
+    @property
+    def encoder(self) -> Encoder:
+        """The encoder in use, built on first need (so ``info`` never imports torch)."""
+        if self._encoder is None:
+            recorded = self.store.encoder()
+            name = self._encoder_name or (recorded[0] if recorded else self.config.encoder)
+            encoder = get_encoder(name)
+            self.store.claim_encoder(encoder.name, encoder.version, encoder.dim)
+            self._encoder = encoder
+        return self._encoder
+
+    def embed(self, samples: np.ndarray, *, encoder: Encoder | None = None) -> tuple[list[tuple[float, float]], np.ndarray]:
+        """Cut a decoded signal (at the encoder's rate) into segments and embed them.
+
+        Returns ``(bounds, vectors)``: segment times in seconds and ``(n_segments, dim)`` vectors.
+        """
+        encoder = encoder or self.encoder
+        sr = encoder.sample_rate
+        cuts = audio.segment_bounds(len(samples), sr, self.config.segments)
+        vectors = encoder.embed([samples[s:e] for s, e in cuts])
+        return [(s / sr, e / sr) for s, e in cuts], vectors
+
+    def _decode(self, path: str, data: bytes | None = None) -> audio.Decoded:
+        if data is None:
+            data = audio.read_bytes(path)
+        return audio.decode(data, path=path, sample_rate=self.encoder.sample_rate,
+                            max_seconds=self.config.read.max_seconds)
+
+    # ---- indexing ----------------------------------------------------------------------
+    def index(self, paths: Iterable[str | os.PathLike], *, label_from_folders: bool = False,
+              label_regex: str | None = None, prune: bool = False, progress: Progress | None = None) -> IndexReport:
+        """Add new and changed audio files under ``paths``; skip unchanged ones.
+
+        A file is unchanged when size and mtime match; a file whose content hash matches a
+        vanished file is a move (path updated, labels kept, nothing re-embedded). With
+        ``prune``, files under ``paths`` that no longer exist are deleted from the index.
+        Unreadable files are reported in ``failed`` (and remembered until they change).
+        """
+        pattern = re.compile(label_regex) if label_regex else None
+        if pattern is not None and pattern.groups < 1:
+            raise UsageError(f"--label-regex {label_regex!r} needs a capture group, e.g. '^([a-z]+)_'")
+        roots = [os.path.abspath(os.path.expanduser(os.fspath(p))) for p in paths]
+        report = IndexReport()
+        for root in roots:
+            if not os.path.exists(root):
+                report.failed.append((root, "no such file or directory"))
+
+        def label_for(path: str) -> str | None:
+            if label_from_folders:
+                return Path(path).parent.name or None
+            if pattern is not None:
+                match = pattern.search(Path(path).name)
+                return match.group(1) if match else None
+            return None
+
+        with self.store.locked():
+            self.encoder  # fail early on an encoder mismatch
+            files = [str(p) for p in audio.find_audio_files(r for r in roots if os.path.exists(r))]
+            jobs = self._plan(files, label_for, report)
+            self._run_jobs(jobs, report, progress=progress, total=len(files), done=len(files) - len(jobs),
+                           label_source="folder" if label_from_folders else "regex")
+            if prune:
+                self._prune(roots, report)
+            self.store.vector_index()  # bring the FAISS cache up to date once per run
+        return report
+
+    def _plan(self, files: list[str], label_for, report: IndexReport) -> list[_Job]:
+        jobs, relabel = [], []
+        for path in files:
+            try:
+                stat = os.stat(path)
+            except OSError as e:
+                report.failed.append((path, f"cannot stat: {e.strerror}"))
+                continue
+            existing = self.store.file_by_path(path)
+            label = label_for(path)
+            if existing and (existing.size, existing.mtime_ns) == (stat.st_size, stat.st_mtime_ns):
+                report.unchanged.append(path)
+                if label is not None:
+                    relabel.append((existing.id, label))
+                continue
+            known_bad = self.store.failure(path)
+            if known_bad and tuple(known_bad[:2]) == (stat.st_size, stat.st_mtime_ns):
+                report.failed.append((path, known_bad[2]))
+                continue
+            jobs.append(_Job(path, stat, label))
+        if relabel:
+            with self.store.writing():
+                for file_id, label in relabel:
+                    self.store.set_label([file_id], label, source="auto")
+        return jobs
+
+    def _run_jobs(self, jobs: list[_Job], report: IndexReport, *, progress: Progress | None, total: int, done: int,
+                  label_source: str = "manual") -> list[int]:
+        """Read, embed and store ``jobs`` in batches, one transaction per batch. Returns file ids."""
+        file_ids = []
+        if progress:
+            progress(done, total)
+        for start in range(0, len(jobs), self.config.batch_files):
+            batch = jobs[start:start + self.config.batch_files]
+            ready, failures = [], []
+            for job in batch:
+                try:
+                    data = audio.read_bytes(job.path)
+                    moved = self._find_moved(audio.content_hash(data), job.path)
+                    if moved is not None:
+                        ready.append((job, moved))
+                        continue
+                    job.decoded = self._decode(job.path, data)
+                    ready.append((job, None))
+                except AudioReadError as e:
+                    failures.append((job, e.reason))
+            waves, owners = [], []
+            for i, (job, moved) in enumerate(ready):
+                if moved is None:
+                    cuts = audio.segment_bounds(len(job.decoded.samples), job.decoded.sample_rate, self.config.segments)
+                    waves += [job.decoded.samples[s:e] for s, e in cuts]
+                    owners += [(i, s, e) for s, e in cuts]
+            vectors = self.encoder.embed(waves) if waves else None
+            sr = self.encoder.sample_rate
+            with self.store.writing():
+                for job, reason in failures:
+                    self.store.record_failure(job.path, job.stat.st_size, job.stat.st_mtime_ns, reason)
+                    report.failed.append((job.path, reason))
+                for i, (job, moved) in enumerate(ready):
+                    self.store.clear_failure(job.path)
+                    if moved is not None:
+                        self.store.update_file(moved.id, path=job.path, size=job.stat.st_size,
+                                               mtime_ns=job.stat.st_mtime_ns)
+                        file_id = moved.id
+                        if moved.path == job.path:
+                            report.unchanged.append(job.path)
+                        else:
+                            report.moved.append((moved.path, job.path))
+                    else:
+                        rows = [r for r, owner in enumerate(owners) if owner[0] == i]
+                        record = FileRecord(job.path, job.stat.st_size, job.stat.st_mtime_ns, job.decoded.content_hash,
+                                            job.decoded.duration, job.decoded.native_rate)
+                        bounds = [(owners[r][1] / sr, owners[r][2] / sr) for r in rows]
+                        file_id = self.store.add_file(record, bounds, vectors[rows])
+                        report.added.append(job.path)
+                    if job.label is not None:
+                        self.store.set_label([file_id], job.label, source=label_source)
+                    file_ids.append(file_id)
+            for job, _ in ready:
+                job.decoded = None  # free the audio of this batch
+            if progress:
+                progress(done + start + len(batch), total)
+        return file_ids
+
+    def _find_moved(self, content_hash: str, path: str) -> FileRecord | None:
+        """An indexed file with this content whose own path is gone (a move), or this very path."""
+        for record in self.store.files_by_hash(content_hash):
+            if record.path == path or not os.path.exists(record.path):
+                return record
+        return None
+
+    def _prune(self, roots: list[str], report: IndexReport) -> None:
+        gone = [r for root in roots for r in self.store.files_under(root) if not os.path.exists(r.path)]
+        if gone:
+            with self.store.writing():
+                self.store.delete_files([r.id for r in gone])
+            report.pruned += [r.path for r in gone]
+
+    # ---- labels and removal ---------------------------------------------------------------
+    def label(self, label: str, clips: Iterable[str | os.PathLike], *, progress: Progress | None = None) -> IndexReport:
+        """Give ``label`` to whole files, embedding and adding those not indexed yet. Never re-embeds."""
+        if not label or not label.strip():
+            raise UsageError("a label must be a non-empty string")
+        report = IndexReport()
+        with self.store.locked():
+            known, jobs = [], []
+            for path in map(str, audio.find_audio_files(clips)):
+                record = self.store.file_by_path(path)
+                try:
+                    stat = os.stat(path)
+                except OSError as e:
+                    if record is None:
+                        report.failed.append((path, f"cannot stat: {e.strerror}"))
+                        continue
+                if record is not None:
+                    known.append(record.id)
+                    report.unchanged.append(path)
+                else:
+                    jobs.append(_Job(path, stat, label))
+            if known:
+                with self.store.writing():
+                    self.store.set_label(known, label)
+            self._run_jobs(jobs, report, progress=progress, total=len(jobs), done=0)
+            self.store.vector_index()
+        return report
+
+    def reembed(self, encoder: str | Encoder, *, drop_unreadable: bool = False,
+                progress: Progress | None = None) -> IndexReport:
+        """Re-embed every indexed file with another encoder, atomically; labels are kept.
+
+        All files are read and embedded first, then swapped in with the new encoder's name in
+        one transaction, so an interruption leaves the old vectors working. If some files
+        cannot be read any more nothing changes, unless ``drop_unreadable`` (they are removed).
+        """
+        new = get_encoder(encoder) if isinstance(encoder, str) else encoder
+        report = IndexReport()
+        with self.store.locked():
+            records = self.store.all_files()
+            staged = []
+            for done, record in enumerate(records, 1):
+                try:
+                    decoded = audio.load(record.path, sample_rate=new.sample_rate, max_seconds=self.config.read.max_seconds)
+                    staged.append((record, *self.embed(decoded.samples, encoder=new)))
+                except AudioReadError as e:
+                    report.failed.append((record.path, e.reason))
+                if progress:
+                    progress(done, len(records))
+            if report.failed and not drop_unreadable:
+                return report
+            with self.store.writing():
+                self.store.delete_files([self.store.file_by_path(path).id for path, _ in report.failed])
+                for record, bounds, vectors in staged:
+                    self.store.replace_vectors(record.id, bounds, vectors)
+                    report.added.append(record.path)
+                self.store.set_encoder(new.name, new.version, new.dim)
+            self._encoder, self._encoder_name = new, new.name
+            self.store.vector_index()
+        return report
+
+    def unlabel(self, clips: Iterable[str | os.PathLike]) -> int:
+        """Remove the label of these indexed files; returns how many had one."""
+        ids = [r.id for p in audio.find_audio_files(clips) if (r := self.store.file_by_path(str(p)))]
+        with self.store.writing():
+            before = self.store.count("labels")
+            self.store.set_label(ids, None)
+            return before - self.store.count("labels")
+
+    def labels(self) -> dict[str, int]:
+        """Category → number of labelled files."""
+        return self.store.label_counts()
+
+    def remove(self, paths: Iterable[str | os.PathLike]) -> list[str]:
+        """Delete files (or everything under folders) from SQLite and FAISS; returns removed paths."""
+        records = []
+        for raw in paths:
+            records += self.store.files_under(os.path.abspath(os.path.expanduser(os.fspath(raw))))
+        if records:
+            with self.store.writing():
+                self.store.delete_files([r.id for r in records])
+            self.store.vector_index()
+        return [r.path for r in records]
+
+    # ---- information -------------------------------------------------------------------
+    def info(self) -> dict:
+        """Counts, encoder, FAISS index type and bytes on disk (never loads the encoder)."""
+        from .store import describe_index
+
+        recorded = self.store.encoder()
+        segments = self.store.count("segments")
+        return {"files": self.store.count("files"), "segments": segments, "labels": self.labels(),
+                "encoder": f"{recorded[0]}-v{recorded[1]}" if recorded else None,
+                "index_type": describe_index(self.store.vector_index()) if segments else "empty",
+                "bytes": self.store.disk_bytes()}
+
+    def failures(self) -> list[tuple[str, str]]:
+        """Files that could not be read, with the reason, as recorded by the last runs."""
+        return [tuple(r) for r in self.store.db.execute("SELECT path, reason FROM failures ORDER BY path")]
+
+    def catalog(self) -> Catalog:
+        generation = self.store.generation
+        if self._catalog is None or self._catalog[0] != generation:
+            self._catalog = (generation, self.store.catalog())
+        return self._catalog[1]
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ---- query ---------------------------------------------------------------------------
+    def query(self, clips: Iterable[str | os.PathLike], *, k: int = 5, include: Sequence[str] = (),
+              exclude: Sequence[str] = (), unknown_threshold: float | None = None,
+              errors: list | None = None) -> list[QueryResult]:
+        """Nearest indexed files and a category for each clip (files or folders of clips).
+
+        The query file itself (same path or identical content) is never its own neighbour.
+        ``include``/``exclude`` are shell globs over indexed paths applied inside the search.
+        Clips that cannot be read raise, unless ``errors`` is a list: then ``(path, reason)``
+        is appended to it and the rest are answered.
+        """
+        results = []
+        for path in map(str, audio.find_audio_files(clips)):
+            try:
+                decoded = self._decode(path)
+            except AudioReadError as e:
+                if errors is None:
+                    raise
+                errors.append((path, e.reason))
+                continue
+            _, vectors = self.embed(decoded.samples)
+            results.append(self.query_vectors(vectors, path=path, content_hash=decoded.content_hash, k=k,
+                                              include=include, exclude=exclude, unknown_threshold=unknown_threshold))
+        return results
+
+    def query_vectors(self, vectors: np.ndarray, *, path: str = "", content_hash: str | None = None, k: int = 5,
+                      include: Sequence[str] = (), exclude: Sequence[str] = (),
+                      unknown_threshold: float | None = None) -> QueryResult:
+        """:meth:`query` for already embedded segment ``vectors`` ``(n_segments, dim)``."""
+        catalog = self.catalog()
+        itself = {r.id for r in self.store.files_by_hash(content_hash)} if content_hash else set()
+        if (record := self.store.file_by_path(path)) is not None:
+            itself.add(record.id)
+        file_ids = search.allowed_files(catalog, include=include, exclude=exclude, skip_ids=itself)
+        nearest = search.nearest_files(self.store, catalog, vectors, k, file_ids)
+        vote_config = self.config.vote
+        threshold = unknown_threshold if unknown_threshold is not None else (
+            vote_config.unknown_threshold if vote_config.unknown_threshold is not None else self.encoder.unknown_threshold)
+        category = search.categorise(self.store, catalog, vectors, file_ids, k=vote_config.k,
+                                     temperature=vote_config.temperature, unknown_threshold=threshold)
+        neighbours = [Neighbour(catalog.paths[f], catalog.labels.get(f), score, start, end)
+                      for f, score, start, end in nearest]
+        return QueryResult(path=path, category=category, neighbours=neighbours)
