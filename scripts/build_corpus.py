@@ -162,9 +162,15 @@ def pkg_licence(root: Path, pkg: str) -> str:
     if not cp.exists():
         return "unknown (see Debian package " + pkg + ")"
     txt = cp.read_text(errors="replace")
-    m = re.search(r"^License:\s*(\S.*)$", txt, re.M)
+    m = re.search(r"^License:[ \t]*(\S.*)$", txt, re.M)
     if m:
         return m.group(1).strip()
+    m = re.search(r"GNU (Lesser |Library )?General Public Licen[cs]e.{0,200}?version (\d(\.\d)?)"
+                  r"(.{0,80}?any later)?", txt, re.S)
+    if m:
+        return "%sGPL-%s%s" % ("L" if m.group(1) else "", m.group(2), "+" if m.group(4) else "")
+    if re.search(r"Permission is hereby granted, free of charge", txt):
+        return "permissive X11/MIT-style (see /usr/share/doc/%s/copyright)" % pkg
     m = re.search(r"((GNU )?(Lesser |Library )?General Public Licen[cs]e[^\n.]*|"
                   r"Creative Commons[^\n.]*|CC[- ]BY[^\n.]*|public domain)", txt, re.I)
     return m.group(1).strip() if m else "see /usr/share/doc/%s/copyright" % pkg
@@ -440,10 +446,10 @@ def run_synth(name, tasks, pool, out):
 
 def espeak_tasks(out, words, per_word, seed):
     lic = sys_licence("espeak-ng-data") if Path("/usr/share/doc/espeak-ng-data/copyright").exists() else sys_licence("espeak-ng")
-    rng = random.Random(seed * 1000 + 2)
     variants = espeak_variants()
     tasks = []
     for w in words:
+        rng = random.Random("%d:espeak:%s" % (seed, w))  # per word: stable when --words grows
         for k in range(per_word):
             lang = rng.choice(ESPEAK_LANGS)
             var = rng.choice(variants + [None] * 6)
@@ -466,9 +472,9 @@ FLITE_VOICES = ["kal", "kal16", "awb", "rms", "slt"]
 
 def flite_tasks(out, words, per_word, seed):
     lic = sys_licence("flite")
-    rng = random.Random(seed * 1000 + 3)
     tasks = []
     for w in words:
+        rng = random.Random("%d:flite:%s" % (seed, w))
         vs = rng.sample(FLITE_VOICES, per_word) if per_word <= len(FLITE_VOICES) else [rng.choice(FLITE_VOICES) for _ in range(per_word)]
         for k, v in enumerate(vs):
             stretch = rng.uniform(0.75, 1.4)
@@ -563,7 +569,7 @@ SOUNDFONTS = [
     ("FluidR3_GM", "/usr/share/sounds/sf2/FluidR3_GM.sf2", "gm", 4,
      "MIT (FluidR3_GM.sf2, fluid-soundfont-gm)"),
     ("MuseScore_General_Lite", "/usr/share/sounds/sf3/MuseScore_General_Lite.sf3", "gm-msg", 6,
-     "MIT (MuseScore_General_Lite.sf3, musescore-general-soundfont-small)"),
+     "MIT, parts PD/CC0 (MuseScore_General_Lite.sf3, musescore-general-soundfont-small)"),
 ]
 
 
@@ -636,20 +642,24 @@ def stage_fluid(out, pool, seed):
 
 # ---------------------------------------------------------------- festival
 
-FESTIVAL_VOICES = ["kal_diphone", "ked_diphone", "cmu_us_slt_arctic_hts", "lp_diphone", "pc_diphone"]
+FESTIVAL_VOICES = {"kal_diphone": "festvox-kallpc16k", "ked_diphone": "festvox-kdlpc16k",
+                   "cmu_us_slt_arctic_hts": "festvox-us-slt-hts", "lp_diphone": "festvox-italp16k",
+                   "pc_diphone": "festvox-itapc16k"}
 
 
 def festival_jobs(out, words, per_word, seed):
     lic = sys_licence("festival")
-    rng = random.Random(seed * 1000 + 7)
     voices = [v for v in FESTIVAL_VOICES
               if list(Path("/usr/share/festival/voices").glob("*/" + v))]
     by_voice = {v: [] for v in voices}
     for w in words:
+        rng = random.Random("%d:festival:%s" % (seed, w))
         for k, v in enumerate(rng.sample(voices, min(per_word, len(voices)))):
             by_voice[v].append({"word": w, "stretch": round(rng.uniform(0.75, 1.4), 2),
                                 "gain": rng.uniform(0.5, 1.0),
                                 "rel": "speech/festival/%s/%s_%d.wav" % (w[:2], w, k),
+                                "licence": "festival: %s; voice %s: %s" % (
+                                    lic, FESTIVAL_VOICES[v], sys_licence(FESTIVAL_VOICES[v])),
                                 "label": "speech:" + w, "group": "festival:" + v.split("_")[0]
                                 if v != "cmu_us_slt_arctic_hts" else "festival:slt-hts"})
     jobs = []
@@ -700,7 +710,7 @@ def stage_festival(out, pool, words, per_word, seed):
     for i, res in enumerate(pool.imap_unordered(festival_job, jobs)):
         for it, d in res:
             recs.append({"path": it["rel"], "source": "festival", "group": it["group"],
-                         "label": it["label"], "licence": lic, "duration": d})
+                         "label": it["label"], "licence": it["licence"], "duration": d})
         if (i + 1) % 5 == 0:
             log("  festival %d/%d batches, %d clips (%.0fs)" % (i + 1, len(jobs), len(recs), time.time() - t0))
     log("festival: %d clips in %.0fs" % (len(recs), time.time() - t0))
@@ -794,7 +804,7 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", default=",".join(STAGES), help="comma list of " + ",".join(STAGES))
     ap.add_argument("--jobs", type=int, default=max(1, os.cpu_count() or 1))
-    ap.add_argument("--words", type=int, default=1200, help="distinct words for speech")
+    ap.add_argument("--words", type=int, default=1500, help="distinct words for speech")
     ap.add_argument("--espeak-per-word", type=int, default=10)
     ap.add_argument("--flite-per-word", type=int, default=3)
     ap.add_argument("--festival-per-word", type=int, default=2)

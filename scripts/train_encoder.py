@@ -95,13 +95,22 @@ def stable_hash(s: str, seed: int) -> str:
     return hashlib.sha1(f"{seed}:{s}".encode()).hexdigest()
 
 
-def split_groups(entries: list[dict], frac: float, seed: int) -> np.ndarray:
-    """Boolean mask of validation clips: whole groups, ~frac of each source."""
-    by_source = defaultdict(Counter)
+def family_of(entries: list[dict]) -> list[str]:
+    """Split/report unit: the source if it has several groups, else the pool of
+    single-group sources ("recorded": one group per game package, plus sox)."""
+    groups = defaultdict(set)
     for e in entries:
-        by_source[e["source"]][e["group"]] += 1
+        groups[e["source"]].add(e["group"])
+    return [e["source"] if len(groups[e["source"]]) > 1 else "recorded" for e in entries]
+
+
+def split_groups(entries: list[dict], frac: float, seed: int) -> np.ndarray:
+    """Boolean mask of validation clips: whole groups, ~frac of each family."""
+    by_family = defaultdict(Counter)
+    for e, fam in zip(entries, family_of(entries)):
+        by_family[fam][e["group"]] += 1
     held = set()
-    for source, groups in sorted(by_source.items()):
+    for fam, groups in sorted(by_family.items()):
         if len(groups) < 2:
             continue
         target, total = frac * sum(groups.values()), 0
@@ -324,7 +333,8 @@ def main():
     cls_of = {c: k for k, c in enumerate(classes)}
     y_all = np.array([cls_of.get(e["label"], -1) for e in entries])
     val_labels = [entries[i]["label"] for i in val_ids]
-    val_sources = [entries[i]["source"] for i in val_ids]
+    fams = family_of(entries)
+    val_sources = [fams[i] for i in val_ids]
     log(f"train {len(tr_ids)} clips / {len(classes)} labels; val {len(val_ids)} clips")
 
     model = cnn.AudioCNN().to(memory_format=torch.channels_last)
