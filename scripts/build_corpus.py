@@ -221,7 +221,7 @@ def unzip_audio(root: Path):
 
 
 # recorded voice lines that say numbers (countdowns, numbered commanders): skipped
-SKIP_GAME = re.compile(r"/countdown/|/cmndrvoc/\d+\.|oneminute|minutes?\b|"
+SKIP_GAME = re.compile(r"/countdown/|/cmndrvoc/\d+\.|oneminute|firstblood|minutes?\b|"
                        r"(^|/)(zero|one|two|three|four|five|six|seven|eight|nine|ten)[._]", re.I)
 
 _VARIANT = re.compile(r"(?:[_\-. ]?\d+|[_\-. ][a-z]|[_\-. ](?:var|alt|v)\d*)+$", re.I)

@@ -191,6 +191,60 @@ def reembed(encoder: str = typer.Option(..., "--encoder", help="Encoder to re-em
     raise typer.Exit(_report_failures(report.failed))
 
 
+@app.command()
+def evaluate(paths: list[Path] = typer.Argument(..., help="A labelled library (files or folders)."),
+             label_regex: Optional[str] = typer.Option(None, "--label-regex", help="Label = group 1 of this regex over the file name."),
+             label_from_folders: bool = typer.Option(False, "--label-from-folders", help="Parent folder name is the label."),
+             group_regex: Optional[str] = typer.Option(None, "--group-regex",
+                                                       help="Group = group 1 over the file name; leave one group out."),
+             folds: Optional[int] = typer.Option(None, "--folds", min=2, help="K stratified folds (default 5 without groups)."),
+             encoder: str = typer.Option("cnn,features", "--encoder", help="Comma-separated strategies to compare."),
+             k: int = typer.Option(10, "-k", min=1, help="Neighbours in the vote."),
+             seed: int = typer.Option(0, "--seed"),
+             plot: Optional[Path] = typer.Option(None, "--plot", help="Write confusion matrices to this PNG."),
+             quiet: bool = QuietOpt, as_json: bool = JsonOpt):
+    """Measure strategies side by side: top-1, k-NN vote accuracy and macro-F1, per class."""
+    from .config import VoteConfig
+    from .errors import SimsearchError
+    from . import evaluate as evaluation
+
+    try:
+        with _progress("embedding", not (quiet or as_json)) as progress:
+            result = evaluation.evaluate(paths, encoders=[e.strip() for e in encoder.split(",") if e.strip()],
+                                         label_regex=label_regex, label_from_folders=label_from_folders,
+                                         group_regex=group_regex, folds=folds, seed=seed, vote_config=VoteConfig(k=k),
+                                         progress=progress)
+    except SimsearchError as e:
+        _err(f"Error: {e}")
+        raise typer.Exit(2)
+    if plot:
+        from .plots import confusion_matrices
+
+        confusion_matrices(result["strategies"], plot)
+    if as_json:
+        typer.echo(json.dumps(result))
+    else:
+        _print_evaluation(result)
+    failed = [f for r in result["strategies"].values() for f in r["failed"]]
+    raise typer.Exit(_report_failures(sorted({(f["path"], f["reason"]) for f in failed})))
+
+
+def _print_evaluation(result: dict) -> None:
+    typer.echo(f"{result['files']} files, {result['labels']} labels, {result['folds']} folds ({result['split']})\n")
+    typer.echo(f"{'strategy':<16}{'top-1':>8}{'vote':>8}{'macro-F1':>10}{'embed s':>9}")
+    for name, r in result["strategies"].items():
+        typer.echo(f"{r['encoder']:<16}{r['top1']:>8.3f}{r['vote']:>8.3f}{r['macro_f1']:>10.3f}{r['embed_seconds']:>9.1f}")
+    names = list(result["strategies"])
+    typer.echo("\nper fold (top-1): " + ", ".join(names))
+    for i, fold in enumerate(result["strategies"][names[0]]["folds"]):
+        values = "  ".join(f"{result['strategies'][n]['folds'][i]['top1']:.3f}" for n in names)
+        typer.echo(f"  {fold['group']:<14}{fold['files']:>6}  {values}")
+    typer.echo("\nper class (vote F1): " + ", ".join(names))
+    for label in result["strategies"][names[0]]["per_class"]:
+        values = "  ".join(f"{result['strategies'][n]['per_class'][label]['f1']:.3f}" for n in names)
+        typer.echo(f"  {label:<20}{values}")
+
+
 def main() -> None:
     app(prog_name="simsearch")
 
