@@ -26,13 +26,21 @@ Sources (all Debian main packages, see /work/shared/data/README.md)
   (wamerican word list, 3-9 lowercase letters) in many English accents and
   other languages' voices, voice variants, speeds, pitches and amplitudes.
   Label = ``speech:<word>``; group = ``espeak-ng:<language>``.
-* ``flite``  - flite (BSD-like) voices kal, kal16, awb, rms, slt reading the
+  Recorded voice lines that say numbers (warzone2100 countdown/ and
+  cmndrvoc/<digit>, redeclipse oneminute/firstblood) are skipped.
+* ``flite``  - flite (CMU, X11-style) voices kal, kal16, awb, rms, slt reading the
   same words with random duration stretch / pitch.  Group = ``flite:<voice>``.
-* ``fluid``  - fluidsynth + fluid-soundfont-gm (FluidR3_GM.sf2, MIT): single
-  notes of all 128 GM programs (3 pitches x 2 velocities in each of 4 octave
-  bands, 0.5-2 s held) and GM drum notes (channel 10, several kits).
+* ``festival`` - festival (X11-style) with festvox-kallpc16k, -kdlpc16k
+  (permissive), -us-slt-hts (EST-2003/BSD), -italp16k, -itapc16k (GPL-2+)
+  reading the same words (2 voices per word, random duration stretch).
+  Group = ``festival:<voice>``.
+* ``fluid``  - fluidsynth (LGPL-2.1+) with fluid-soundfont-gm (FluidR3_GM.sf2,
+  MIT) and musescore-general-soundfont-small (MuseScore_General_Lite.sf3, MIT,
+  parts PD/CC0): single notes of all 128 GM programs (3 pitches x 2
+  velocities in each of 4 octave bands, 0.5-2 s held) and GM drum notes
+  (channel 10, 8 kits), rendered from hand-written MIDI files.
   Label = ``gm:<program>:oct<octave>`` / ``gm-drum:<note>``;
-  group = ``fluidsynth:FluidR3_GM:<GM family>`` / ``fluidsynth:FluidR3_GM:drums``.
+  group = ``fluidsynth:<soundfont>:<GM family>`` / ``fluidsynth:<soundfont>:drums``.
 * ``sox``    - sox (GPL-2+) noises, tones, sweeps with effects.
   Label = ``sox:<kind>``; group = ``sox``.
 
@@ -46,11 +54,14 @@ whose clip list is recorded in ``OUT/_parts/`` is skipped.  The manifest is
 rewritten atomically at the end.
 
 Rebuild (needs: apt-get install espeak-ng flite fluidsynth fluid-soundfont-gm
-sox ffmpeg wamerican; python with numpy, soundfile, soxr)::
+musescore-general-soundfont-small festival festvox-kallpc16k festvox-kdlpc16k
+festvox-us-slt-hts festvox-italp16k festvox-itapc16k sox ffmpeg wamerican;
+python with numpy, soundfile, soxr; the game packages are fetched by the
+script with apt-get download)::
 
     .venv/bin/python scripts/build_corpus.py --out ~/.cache/simsearch/corpus --seed 0 --jobs 2
 
-``--only game,espeak,flite,fluid,sox`` restricts the stages (the manifest
+``--only game,fluid,sox,espeak,flite,festival`` restricts the stages (the manifest
 still lists every clip already built for all stages).
 """
 from __future__ import annotations
@@ -157,27 +168,49 @@ def run(cmd, **kw):
                           check=True, **kw)
 
 
+def _classify_licence(txt: str) -> str | None:
+    m = re.search(r"GNU (Lesser |Library )?General Public Licen[cs]e.{0,200}?version (\d(\.\d)?)"
+                  r"(.{0,80}?any later)?", txt, re.S)
+    p = re.search(r"Permission is hereby granted|Redistribution and use in source and binary", txt)
+    if p and (not m or p.start() < m.start()):
+        return "permissive BSD/MIT-style"
+    if m:
+        return "%sGPL-%s%s" % ("L" if m.group(1) else "", m.group(2), "+" if m.group(4) else "")
+    m = re.search(r"(Creative Commons[^\n.]*|CC[- ]BY[^\n.]*|public domain)", txt, re.I)
+    return m.group(1).strip() if m else None
+
+
 def pkg_licence(root: Path, pkg: str) -> str:
+    """Licence of PKG: the first non-empty short `License:` field of its copyright file,
+    else the licence described right after the first `License:` line, else a guess."""
     cp = root / "usr/share/doc" / pkg / "copyright"
     if not cp.exists():
         return "unknown (see Debian package " + pkg + ")"
     txt = cp.read_text(errors="replace")
-    m = re.search(r"^License:[ \t]*(\S.*)$", txt, re.M)
-    if m:
-        return m.group(1).strip()
-    m = re.search(r"GNU (Lesser |Library )?General Public Licen[cs]e.{0,200}?version (\d(\.\d)?)"
-                  r"(.{0,80}?any later)?", txt, re.S)
-    if m:
-        return "%sGPL-%s%s" % ("L" if m.group(1) else "", m.group(2), "+" if m.group(4) else "")
-    if re.search(r"Permission is hereby granted, free of charge", txt):
-        return "permissive X11/MIT-style (see /usr/share/doc/%s/copyright)" % pkg
-    m = re.search(r"((GNU )?(Lesser |Library )?General Public Licen[cs]e[^\n.]*|"
-                  r"Creative Commons[^\n.]*|CC[- ]BY[^\n.]*|public domain)", txt, re.I)
-    return m.group(1).strip() if m else "see /usr/share/doc/%s/copyright" % pkg
+    ref = " (see /usr/share/doc/%s/copyright)" % pkg
+    for m in re.finditer(r"^License:[ \t]*(.*)$", txt, re.M):
+        val = m.group(1).strip()
+        if val and len(val) <= 40:
+            return val
+        c = _classify_licence(txt[m.start(): m.start() + 2500])
+        if c:
+            return c + ref
+        break
+    c = _classify_licence(txt)
+    return (c + ref) if c else "see /usr/share/doc/%s/copyright" % pkg
+
+
+# hand-checked against /usr/share/doc/PKG/copyright where its layout defeats the parser
+LICENCE_OVERRIDES = {
+    "espeak-ng": "GPL-3+",
+    "espeak-ng-data": "GPL-3+",
+    "flite": "BSD-like CMU Flite licence (X11-style); build helpers GPL-2",
+    "festival": "X11-style permissive (CSTR Edinburgh / CMU)",
+}
 
 
 def sys_licence(pkg: str) -> str:
-    return pkg_licence(Path("/"), pkg)
+    return LICENCE_OVERRIDES.get(pkg) or pkg_licence(Path("/"), pkg)
 
 
 # ---------------------------------------------------------------- game sfx

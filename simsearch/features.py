@@ -68,7 +68,17 @@ def feature_tracks(y: np.ndarray, *, sample_rate: int, n_fft: int = 512,
     return {"mfcc": mfcc, "chroma": chroma, "contrast": contrast}
 
 
-def handcrafted_stats(y: np.ndarray, *, sample_rate: int) -> np.ndarray:
+def trim_silence(y: np.ndarray, *, top_db: float = 40.0) -> np.ndarray:
+    """Drop leading and trailing frames quieter than ``top_db`` below the peak (keeps >= 1 sample)."""
+    import librosa
+
+    if len(y) < 2048 or not np.any(y):
+        return y
+    trimmed, _ = librosa.effects.trim(y, top_db=top_db, frame_length=1024, hop_length=256)
+    return trimmed if len(trimmed) else y
+
+
+def handcrafted_stats(y: np.ndarray, *, sample_rate: int, trim_db: float | None = 40.0) -> np.ndarray:
     """Mean and standard deviation over time of MFCC, chroma and spectral contrast.
 
     Parameters
@@ -77,6 +87,9 @@ def handcrafted_stats(y: np.ndarray, *, sample_rate: int) -> np.ndarray:
         Mono signal, any length >= 1 sample.
     sample_rate : int
         Hz.
+    trim_db : float or None
+        Leading/trailing silence quieter than this many dB below the peak is dropped first,
+        so padding does not dilute the statistics; ``None`` keeps everything.
 
     Returns
     -------
@@ -84,7 +97,10 @@ def handcrafted_stats(y: np.ndarray, *, sample_rate: int) -> np.ndarray:
         ``[mfcc mean, mfcc std, chroma mean, chroma std, contrast mean, contrast std]``;
         not standardised (see :class:`simsearch.encoders.FeaturesEncoder`).
     """
-    tracks = feature_tracks(np.asarray(y, dtype=np.float32), sample_rate=sample_rate)
+    y = np.asarray(y, dtype=np.float32)
+    if trim_db is not None:
+        y = trim_silence(y, top_db=trim_db)
+    tracks = feature_tracks(y, sample_rate=sample_rate)
     parts = []
     for name in ("mfcc", "chroma", "contrast"):
         track = tracks[name]
