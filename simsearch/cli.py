@@ -92,12 +92,19 @@ def query(clips: list[Path] = typer.Argument(..., help="Clips (or folders of cli
           exclude: list[str] = typer.Option([], "--exclude", help="No neighbours whose path matches this glob (repeatable)."),
           unknown_threshold: Optional[float] = typer.Option(None, "--unknown-threshold",
                                                              help="Answer 'unknown' below this similarity [default: the encoder's]."),
+          plot: Optional[Path] = typer.Option(None, "--plot", help="Draw the query beside its neighbours to this PNG "
+                                                                   "(several clips: NAME-1.png, NAME-2.png ...)."),
           index: Optional[Path] = IndexOpt, quiet: bool = QuietOpt, as_json: bool = JsonOpt):
     """Find the most similar indexed clips and categorise each clip by a neighbour vote."""
     errors: list = []
     with _engine(index) as engine:
         results = engine.query(clips, k=k, include=include, exclude=exclude, unknown_threshold=unknown_threshold,
                                errors=errors)
+    if plot:
+        from .plots import query_figure
+
+        for i, result in enumerate(results, 1):
+            query_figure(result.to_dict(), plot if len(results) == 1 else plot.with_stem(f"{plot.stem}-{i}"))
     for result in results:
         if as_json:
             typer.echo(json.dumps(result.to_dict()))
@@ -189,6 +196,23 @@ def reembed(encoder: str = typer.Option(..., "--encoder", help="Encoder to re-em
     if not quiet:
         typer.echo(f"{len(report.added)} files re-embedded with {encoder}, {len(report.failed)} failed")
     raise typer.Exit(_report_failures(report.failed))
+
+
+@app.command()
+def show(clip: Path = typer.Argument(..., help="An audio file."),
+         plot: Path = typer.Option(..., "--plot", help="PNG to write: mel spectrogram, chroma, spectral contrast.")):
+    """Draw what the handcrafted strategy sees in a clip (mel spectrogram, chroma, spectral contrast)."""
+    from . import audio
+    from .errors import AudioReadError
+    from .plots import features_figure
+
+    try:
+        decoded = audio.load(clip, sample_rate=16000)
+    except AudioReadError as e:
+        _err(f"Error: {e}")
+        raise typer.Exit(1)
+    features_figure(str(clip), decoded.samples, plot, sample_rate=decoded.sample_rate)
+    typer.echo(f"wrote {plot}")
 
 
 @app.command()

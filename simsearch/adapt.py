@@ -1,0 +1,127 @@
+"""Adapting the CNN to a user's own labels (metric learning on top of the shipped encoder).
+
+The shipped CNN is fine-tuned on the labelled clips of an index with an additive-margin
+softmax over the user's labels — it pulls each label's clips together and pushes labels
+apart on the unit sphere, the same geometry the cosine search and the vote use — under the
+same augmentation as pre-training (random crops, speed/pitch jitter, gain, noise, mixing,
+reverb, band-limiting, SpecAugment), so the adapted space stays robust. Training always
+starts from the shipped weights, is seeded and deterministic on CPU, and the classifier
+weights are thrown away afterwards: only the embedding is kept, so new categories still
+work by nearest-neighbour vote.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class AdaptConfig:
+    """Settings of :func:`adapt_model`."""
+
+    epochs: int = 6
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    crop_frames: int = 96
+    margin: float = 0.2
+    scale: float = 30.0
+    seed: int = 0
+    threads: int = 2
+
+
+def mel_bank(waves: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Preprocess and log-mel every clip once (the encoder's own front end).
+
+    Returns ``(mels (N_MELS, total_frames) float32, offsets (n,), lengths (n,))``.
+    """
+    import torch
+
+    from . import cnn
+
+    chunks = []
+    with torch.inference_mode():
+        for wave in waves:
+            chunks.append(cnn.log_mel(torch.from_numpy(cnn.preprocess(wave))[None])[0].numpy())
+    lengths = np.array([c.shape[1] for c in chunks], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    return np.concatenate(chunks, axis=1), offsets, lengths
+
+
+def adapt_model(base, waves: Sequence[np.ndarray], labels: Sequence[str], *, config: AdaptConfig = AdaptConfig(),
+                progress: Callable[[int, int], None] | None = None):
+    """Fine-tune a copy of ``base`` (an :class:`simsearch.cnn.AudioCNN`) on labelled clips.
+
+    Parameters
+    ----------
+    base : AudioCNN
+        Starting weights (left untouched).
+    waves : sequence of np.ndarray, each (n_i,)
+        Mono float32 clips at 16 kHz.
+    labels : sequence of str
+        One label per clip; at least two distinct labels.
+    config : AdaptConfig
+    progress : callable, optional
+        ``progress(step, total_steps)``.
+
+    Returns
+    -------
+    AudioCNN
+        The adapted encoder in eval mode.
+    """
+    import torch
+
+    from . import training
+
+    names = sorted(set(labels))
+    if len(names) < 2:
+        raise ValueError("adaptation needs at least two labels")
+    y_all = np.array([names.index(label) for label in labels], dtype=np.int64)
+    mels, offsets, lengths = mel_bank(waves)
+
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    model = copy.deepcopy(base).train().requires_grad_(True)
+    head = training.AMSoftmax(model.proj.out_features, len(names), config.scale, config.margin)
+    head.w.data = _class_means(base, mels, offsets, lengths, y_all, len(names))  # start from the prototypes
+    parameters = list(model.parameters()) + list(head.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=1e-4)
+    steps_per_epoch = math.ceil(len(y_all) / config.batch_size)
+    total = steps_per_epoch * config.epochs
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.learning_rate, total_steps=total,
+                                                   pct_start=0.15)
+    step = 0
+    try:
+        for _ in range(config.epochs):
+            for ids in training.make_batches(lengths, np.arange(len(y_all)), config.batch_size, rng):
+                x, x_lengths = training.crop_batch(mels, offsets, lengths, ids, config.crop_frames, rng, augment=True)
+                x = training.augment(x, x_lengths, generator)
+                loss, _ = head(model(x, x_lengths), torch.from_numpy(y_all[ids]))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                step += 1
+                if progress:
+                    progress(step, total)
+    finally:
+        torch.set_num_threads(previous_threads)
+    return model.eval().requires_grad_(False)
+
+
+def _class_means(model, mels, offsets, lengths, y, n_classes):
+    import torch
+
+    from . import training
+
+    embeddings = torch.from_numpy(training.embed_cached(model.eval(), mels, offsets, lengths, np.arange(len(y))))
+    means = torch.zeros(n_classes, embeddings.shape[1])
+    means.index_add_(0, torch.from_numpy(y), embeddings)
+    return torch.nn.functional.normalize(means, dim=1)
