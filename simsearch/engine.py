@@ -389,6 +389,7 @@ class Engine:
         is appended to it and the rest are answered.
         """
         results = []
+        allowed = search.allowed_files(self.catalog(), include=include, exclude=exclude)
         for path in map(str, audio.find_audio_files(clips)):
             try:
                 decoded = self._decode(path)
@@ -399,18 +400,24 @@ class Engine:
                 continue
             _, vectors = self.embed(decoded.samples)
             results.append(self.query_vectors(vectors, path=path, content_hash=decoded.content_hash, k=k,
-                                              include=include, exclude=exclude, unknown_threshold=unknown_threshold))
+                                              allowed=allowed, unknown_threshold=unknown_threshold))
         return results
 
     def query_vectors(self, vectors: np.ndarray, *, path: str = "", content_hash: str | None = None, k: int = 5,
-                      include: Sequence[str] = (), exclude: Sequence[str] = (),
+                      include: Sequence[str] = (), exclude: Sequence[str] = (), allowed: np.ndarray | None = None,
                       unknown_threshold: float | None = None) -> QueryResult:
-        """:meth:`query` for already embedded segment ``vectors`` ``(n_segments, dim)``."""
+        """:meth:`query` for already embedded segment ``vectors`` ``(n_segments, dim)``.
+
+        ``allowed`` (file ids from :func:`simsearch.search.allowed_files`) replaces
+        ``include``/``exclude`` when a caller has already resolved them.
+        """
         catalog = self.catalog()
         itself = {r.id for r in self.store.files_by_hash(content_hash)} if content_hash else set()
         if (record := self.store.file_by_path(path)) is not None:
             itself.add(record.id)
-        file_ids = search.allowed_files(catalog, include=include, exclude=exclude, skip_ids=itself)
+        if allowed is None:
+            allowed = search.allowed_files(catalog, include=include, exclude=exclude)
+        file_ids = allowed[~np.isin(allowed, list(itself))] if itself else allowed
         nearest = search.nearest_files(self.store, catalog, vectors, k, file_ids)
         vote_config = self.config.vote
         threshold = unknown_threshold if unknown_threshold is not None else (

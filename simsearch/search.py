@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import re
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -16,17 +17,17 @@ from .store import Catalog, Store
 from .vote import Category, vote
 
 
-def match_any(path: str, patterns: Iterable[str]) -> bool:
-    """True when ``path`` matches one of the shell-style ``patterns`` (``~`` expanded)."""
-    return any(fnmatch.fnmatchcase(path, os.path.expanduser(p)) for p in patterns)
+def glob_matcher(patterns: Iterable[str]):
+    """One compiled test for shell-style ``patterns`` (``~`` expanded; ``*`` also crosses ``/``)."""
+    regex = "|".join(fnmatch.translate(os.path.expanduser(p)) for p in patterns)
+    return re.compile(regex).match if regex else None
 
 
-def allowed_files(catalog: Catalog, *, include: Sequence[str] = (), exclude: Sequence[str] = (),
-                  skip_ids: Iterable[int] = ()) -> np.ndarray:
-    """Ids of the files a search may return: matching any ``include`` (all if none), no ``exclude``."""
-    skip = set(skip_ids)
+def allowed_files(catalog: Catalog, *, include: Sequence[str] = (), exclude: Sequence[str] = ()) -> np.ndarray:
+    """Ids of the files a search may return: matching any ``include`` (all if none), no ``exclude``. Sorted."""
+    included, excluded = glob_matcher(include), glob_matcher(exclude)
     keep = [file_id for file_id, path in catalog.paths.items()
-            if file_id not in skip and (not include or match_any(path, include)) and not match_any(path, exclude)]
+            if (included is None or included(path)) and not (excluded and excluded(path))]
     return np.array(sorted(keep), dtype=np.int64)
 
 
