@@ -225,9 +225,16 @@ def evaluate(paths: list[Path] = typer.Argument(..., help="A labelled library (f
              encoder: str = typer.Option("cnn,features", "--encoder", help="Comma-separated strategies to compare."),
              k: int = typer.Option(10, "-k", min=1, help="Neighbours in the vote."),
              seed: int = typer.Option(0, "--seed"),
-             plot: Optional[Path] = typer.Option(None, "--plot", help="Write confusion matrices to this PNG."),
+             shots: Optional[str] = typer.Option(None, "--shots", help="Few-shot curve, e.g. 1,5,10 examples per class."),
+             unknown: int = typer.Option(0, "--unknown", min=0, help="Hide this many classes; measure 'unknown' rejection."),
+             repeats: int = typer.Option(5, "--repeats", min=1, help="Seeded repeats for --shots and --unknown."),
+             adapt: bool = typer.Option(False, "--adapt", help="Also adapt the CNN inside each fold (its labelled part only)."),
+             epochs: int = typer.Option(6, "--epochs", min=1, help="Adaptation epochs for --adapt."),
+             plot: Optional[Path] = typer.Option(None, "--plot", help="Write confusion matrices to this PNG "
+                                                                      "(and the few-shot curve to NAME-fewshot.png)."),
              quiet: bool = QuietOpt, as_json: bool = JsonOpt):
     """Measure strategies side by side: top-1, k-NN vote accuracy and macro-F1, per class."""
+    from .adapt import AdaptConfig
     from .config import VoteConfig
     from .errors import SimsearchError
     from . import evaluate as evaluation
@@ -237,6 +244,8 @@ def evaluate(paths: list[Path] = typer.Argument(..., help="A labelled library (f
             result = evaluation.evaluate(paths, encoders=[e.strip() for e in encoder.split(",") if e.strip()],
                                          label_regex=label_regex, label_from_folders=label_from_folders,
                                          group_regex=group_regex, folds=folds, seed=seed, vote_config=VoteConfig(k=k),
+                                         shots=[int(n) for n in shots.split(",")] if shots else (), unknown=unknown,
+                                         repeats=repeats, adapt=adapt, adapt_config=AdaptConfig(epochs=epochs, seed=seed),
                                          progress=progress)
     except SimsearchError as e:
         _err(f"Error: {e}")
@@ -245,6 +254,11 @@ def evaluate(paths: list[Path] = typer.Argument(..., help="A labelled library (f
         from .plots import confusion_matrices
 
         confusion_matrices(result["strategies"], plot)
+        curves = {name: r["few_shot"] for name, r in result["strategies"].items() if "few_shot" in r}
+        if curves:
+            from .plots import few_shot_curve
+
+            few_shot_curve(curves, plot.with_stem(f"{plot.stem}-fewshot"))
     if as_json:
         typer.echo(json.dumps(result))
     else:
@@ -267,6 +281,18 @@ def _print_evaluation(result: dict) -> None:
     for label in result["strategies"][names[0]]["per_class"]:
         values = "  ".join(f"{result['strategies'][n]['per_class'][label]['f1']:.3f}" for n in names)
         typer.echo(f"  {label:<20}{values}")
+    with_shots = {n: r["few_shot"] for n, r in result["strategies"].items() if "few_shot" in r}
+    if with_shots:
+        typer.echo("\nfew-shot (vote accuracy by labelled examples per class):")
+        for name, curve in with_shots.items():
+            typer.echo(f"  {name:<14}" + "  ".join(f"{n}-shot {acc:.3f}" for n, acc in curve.items()))
+    with_unknown = {n: r["unknown"] for n, r in result["strategies"].items() if "unknown" in r}
+    if with_unknown:
+        typer.echo("\nunknown rejection:")
+        for name, u in with_unknown.items():
+            typer.echo(f"  {name:<14}AUROC {u['auroc']:.3f}  decision acc {u['decision_accuracy']:.3f} at "
+                       f"threshold {u['threshold']:.2f}  (best {u['best_threshold']:.2f}: "
+                       f"{u['decision_accuracy_at_best']:.3f})  open-set acc {u['open_set_accuracy']:.3f}")
 
 
 def main() -> None:

@@ -84,18 +84,23 @@ def _shipped_scaler() -> tuple[np.ndarray, np.ndarray]:
 
 
 class CNNEncoder:
-    """The trained CNN (:mod:`simsearch.cnn`); torch is imported only when this is built."""
+    """The trained CNN (:mod:`simsearch.cnn`); torch is imported only when this is built.
+
+    Without arguments it is the shipped model; ``model``/``name``/``version`` wrap another
+    :class:`~simsearch.cnn.AudioCNN` (an encoder adapted by ``simsearch train``).
+    """
 
     name = "cnn"
     sample_rate = 16000
     unknown_threshold = 0.75
 
-    def __init__(self):
+    def __init__(self, model=None, *, name: str = "cnn", version: str | None = None):
         from . import cnn
 
         self._cnn = cnn
-        self._model = cnn.load_default()
-        self.version = str(cnn.MODEL_VERSION)
+        self._model = model if model is not None else cnn.load_default()
+        self.name = name
+        self.version = version or str(cnn.MODEL_VERSION)
         self.dim = int(cnn.EMBEDDING_DIM)
         self.sample_rate = int(cnn.SAMPLE_RATE)
 

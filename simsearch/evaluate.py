@@ -158,12 +158,9 @@ def class_report(truth: Sequence[str], predicted: Sequence[str]) -> dict[str, di
     return report
 
 
-def evaluate_strategy(encoder: Encoder, dataset: Dataset, held_out: list[np.ndarray], *,
-                      vote_config: VoteConfig = VoteConfig(), progress=None) -> dict:
-    """Embed once, then categorise every held-out fold from the rest. Returns plain data."""
-    started = time.perf_counter()
-    vectors, owner, failures = embed_files(encoder, dataset.paths, progress=progress)
-    embed_seconds = time.perf_counter() - started
+def score_folds(vectors: np.ndarray, owner: np.ndarray, dataset: Dataset, held_out: list[np.ndarray], *,
+                vote_config: VoteConfig = VoteConfig()) -> dict:
+    """Categorise every held-out fold from the other folds' files. Returns plain data."""
     readable = np.unique(owner)
     labels = np.array(dataset.labels)
     truth, top1, voted, per_fold = [], [], [], []
@@ -175,17 +172,15 @@ def evaluate_strategy(encoder: Encoder, dataset: Dataset, held_out: list[np.ndar
         fold_top1, fold_vote, _ = predict(file_similarity(vectors, owner, queries, refs), labels[refs].tolist(),
                                           vote_config=vote_config)
         fold_truth = labels[queries].tolist()
-        per_fold.append({"group": dataset.groups[queries[0]] if dataset.groups[queries[0]] else str(len(per_fold)),
-                         "files": len(queries), "top1": _accuracy(fold_truth, fold_top1),
-                         "vote": _accuracy(fold_truth, fold_vote)})
+        per_fold.append({"group": dataset.groups[queries[0]] or str(len(per_fold)), "files": len(queries),
+                         "top1": _accuracy(fold_truth, fold_top1), "vote": _accuracy(fold_truth, fold_vote)})
         truth += fold_truth
         top1 += fold_top1
         voted += fold_vote
     per_class = class_report(truth, voted)
-    return {"encoder": f"{encoder.name}-v{encoder.version}", "top1": _accuracy(truth, top1), "vote": _accuracy(truth, voted),
-            "macro_f1": float(np.mean([c["f1"] for c in per_class.values()])), "folds": per_fold,
-            "per_class": per_class, "confusion": confusion(truth, voted), "embed_seconds": round(embed_seconds, 2),
-            "failed": [{"path": p, "reason": r} for p, r in failures]}
+    return {"top1": _accuracy(truth, top1), "vote": _accuracy(truth, voted),
+            "macro_f1": float(np.mean([c["f1"] for c in per_class.values()])) if per_class else 0.0,
+            "folds": per_fold, "per_class": per_class, "confusion": confusion(truth, voted)}
 
 
 def confusion(truth: Sequence[str], predicted: Sequence[str]) -> dict:
@@ -200,15 +195,43 @@ def confusion(truth: Sequence[str], predicted: Sequence[str]) -> dict:
 
 def evaluate(roots: Sequence[str | Path], *, encoders: Sequence[str] = ("cnn", "features"), label_regex: str | None = None,
              label_from_folders: bool = False, group_regex: str | None = None, folds: int | None = None, seed: int = 0,
-             vote_config: VoteConfig = VoteConfig(), progress=None) -> dict:
-    """Compare strategies on a labelled library; see the module docstring. Returns plain data."""
+             vote_config: VoteConfig = VoteConfig(), shots: Sequence[int] = (), unknown: int = 0, repeats: int = 5,
+             adapt: bool = False, adapt_config=None, progress=None) -> dict:
+    """Compare strategies on a labelled library; see the module docstring. Returns plain data.
+
+    ``shots`` adds a few-shot curve and ``unknown`` (number of hidden classes) an unknown-
+    rejection report per strategy (:mod:`simsearch.evaluate_openset`). ``adapt`` adds the
+    CNN adapted to each fold's labelled part only (:mod:`simsearch.adapt`).
+    """
+    from . import evaluate_openset
+
     dataset = labelled_files(roots, label_regex=label_regex, label_from_folders=label_from_folders,
                              group_regex=group_regex)
     if group_regex is None and folds is None:
         folds = 5
     held_out = folds_of(dataset, folds=folds if group_regex is None else None, seed=seed)
-    results = {name: evaluate_strategy(get_encoder(name), dataset, held_out, vote_config=vote_config,
-                                       progress=progress) for name in encoders}
+    results = {}
+    for name in encoders:
+        encoder = get_encoder(name)
+        started = time.perf_counter()
+        vectors, owner, failures = embed_files(encoder, dataset.paths, progress=progress)
+        result = {"encoder": f"{encoder.name}-v{encoder.version}", "embed_seconds": round(time.perf_counter() - started, 2),
+                  **score_folds(vectors, owner, dataset, held_out, vote_config=vote_config),
+                  "failed": [{"path": p, "reason": r} for p, r in failures]}
+        if shots:
+            result["few_shot"] = evaluate_openset.few_shot(vectors, owner, dataset, held_out, shots=shots,
+                                                           repeats=repeats, seed=seed, vote_config=vote_config)
+        if unknown:
+            threshold = vote_config.unknown_threshold if vote_config.unknown_threshold is not None else encoder.unknown_threshold
+            result["unknown"] = evaluate_openset.unknown_rejection(vectors, owner, dataset, held_out, n_unknown=unknown,
+                                                                   repeats=repeats, seed=seed, threshold=threshold,
+                                                                   vote_config=vote_config)
+        results[name] = result
+    if adapt:
+        from .adapt import evaluate_adapted
+
+        results["cnn+adapt"] = evaluate_adapted(dataset, held_out, config=adapt_config, vote_config=vote_config,
+                                                progress=progress)
     return {"files": len(dataset.paths), "labels": len(set(dataset.labels)), "folds": len(held_out),
             "split": "leave-one-group-out" if group_regex else f"{folds}-fold", "strategies": results}
 

@@ -1,0 +1,105 @@
+"""Few-shot curves and "unknown" rejection, measured on embeddings already computed.
+
+Both work on the output of :func:`simsearch.evaluate.embed_files` and respect groups: the
+queries of a round always come from one held-out group, the labelled references from the
+others, so a speaker (or session) is never on both sides.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from .config import VoteConfig
+from .evaluate import Dataset, file_similarity, predict
+from .vote import vote
+
+
+def few_shot(vectors: np.ndarray, owner: np.ndarray, dataset: Dataset, held_out: list[np.ndarray], *,
+             shots: Sequence[int] = (1, 5, 10), repeats: int = 5, seed: int = 0,
+             vote_config: VoteConfig = VoteConfig()) -> dict[str, float]:
+    """Vote accuracy when each class has only ``n`` labelled examples, for each ``n`` in ``shots``.
+
+    For every held-out fold and seeded repeat, ``n`` references per class are drawn from the
+    other folds; every file of the held-out fold is a query. Returns ``{str(n): accuracy}``.
+    """
+    labels = np.array(dataset.labels)
+    readable = np.unique(owner)
+    curve = {}
+    for n in shots:
+        hits = total = 0
+        for repeat in range(repeats):
+            rng = np.random.default_rng([seed, n, repeat])
+            for fold in held_out:
+                queries = np.intersect1d(fold, readable)
+                pool = np.setdiff1d(readable, fold)
+                refs = np.sort(np.concatenate([rng.permutation(pool[labels[pool] == c])[:n]
+                                               for c in sorted(set(labels[pool]))]))
+                if len(queries) == 0 or len(refs) == 0:
+                    continue
+                _, voted, _ = predict(file_similarity(vectors, owner, queries, refs), labels[refs].tolist(),
+                                      vote_config=vote_config)
+                hits += int(np.sum(np.array(voted) == labels[queries]))
+                total += len(queries)
+        curve[str(n)] = hits / total if total else 0.0
+    return curve
+
+
+def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
+    """Area under the ROC curve: P(score of a positive > score of a negative), ties count half."""
+    scores = np.concatenate([positive, negative])
+    order = scores.argsort(kind="stable")
+    ranks = np.empty(len(scores))
+    ranks[order] = np.arange(1, len(scores) + 1)
+    for value in np.unique(scores):  # average ranks of ties
+        tied = scores == value
+        ranks[tied] = ranks[tied].mean()
+    n_pos, n_neg = len(positive), len(negative)
+    return float((ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)) if n_pos and n_neg else 0.0
+
+
+def unknown_rejection(vectors: np.ndarray, owner: np.ndarray, dataset: Dataset, held_out: list[np.ndarray], *,
+                      n_unknown: int = 2, repeats: int = 5, seed: int = 0, threshold: float,
+                      vote_config: VoteConfig = VoteConfig()) -> dict:
+    """How well the vote's "unknown" answer separates classes nobody labelled.
+
+    Each seeded repeat hides ``n_unknown`` whole classes from the references; queries from
+    the held-out fold are *known* (their class is labelled) or *unknown*. The score is the
+    one the vote thresholds: the winning label's best similarity. Reports AUROC, accuracy of
+    the known/unknown decision and open-set accuracy (known: right label and accepted;
+    unknown: rejected) at ``threshold``, and the threshold that maximises balanced accuracy.
+    """
+    labels = np.array(dataset.labels)
+    classes = sorted(set(dataset.labels))
+    readable = np.unique(owner)
+    known_scores, unknown_scores, known_right = [], [], []
+    for repeat in range(repeats):
+        hidden = set(np.random.default_rng([seed, repeat]).choice(classes, size=n_unknown, replace=False))
+        for fold in held_out:
+            queries = np.intersect1d(fold, readable)
+            refs = np.array([i for i in np.setdiff1d(readable, fold) if labels[i] not in hidden], dtype=np.int64)
+            similarity = file_similarity(vectors, owner, queries, refs)
+            k = min(vote_config.k, len(refs))
+            for q, row in zip(queries, similarity):
+                top = np.argsort(-row, kind="stable")[:k]
+                category = vote(row[top].tolist(), labels[refs[top]].tolist(), temperature=vote_config.temperature,
+                                unknown_threshold=-np.inf)
+                if labels[q] in hidden:
+                    unknown_scores.append(category.similarity)
+                else:
+                    known_scores.append(category.similarity)
+                    known_right.append(category.label == labels[q])
+    known, unknown, right = np.array(known_scores), np.array(unknown_scores), np.array(known_right)
+    candidates = np.unique(np.concatenate([known, unknown]))
+    balanced = [((known >= t).mean() + (unknown < t).mean()) / 2 for t in candidates]
+    best = float(candidates[int(np.argmax(balanced))])
+    return {"hidden_classes": n_unknown, "repeats": repeats, "auroc": auroc(known, unknown), "threshold": threshold,
+            "decision_accuracy": _decision_accuracy(known, unknown, threshold),
+            "open_set_accuracy": float((np.sum(right & (known >= threshold)) + np.sum(unknown < threshold))
+                                       / (len(known) + len(unknown))),
+            "best_threshold": best, "decision_accuracy_at_best": _decision_accuracy(known, unknown, best)}
+
+
+def _decision_accuracy(known: np.ndarray, unknown: np.ndarray, threshold: float) -> float:
+    return float((np.sum(known >= threshold) + np.sum(unknown < threshold)) / (len(known) + len(unknown)))
