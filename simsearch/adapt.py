@@ -179,3 +179,85 @@ def evaluate_adapted(dataset, held_out: list[np.ndarray], *, config: AdaptConfig
             "macro_f1": float(np.mean([c["f1"] for c in per_class.values()])) if per_class else 0.0,
             "folds": folds, "per_class": per_class, "confusion": confusion(truth, voted),
             "failed": [{"path": p, "reason": r} for p, r in failures]}
+
+
+ADAPTED_NAME = "cnn+adapt"
+"""Encoder name recorded in an index whose vectors come from an adapted CNN."""
+
+
+def adapted_weights_path(directory, version: str):
+    """Where ``simsearch train`` keeps the adapted weights of ``version`` inside an index directory."""
+    from pathlib import Path
+
+    return Path(directory) / "models" / f"{ADAPTED_NAME}-{version}.pt"
+
+
+def load_adapted(directory, version: str):
+    """The adapted encoder ``version`` saved in the index ``directory`` (weights only, never pickle)."""
+    import torch
+
+    from . import cnn
+    from .encoders import CNNEncoder
+    from .errors import CorruptIndexError
+
+    path = adapted_weights_path(directory, version)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model = cnn.AudioCNN()
+        model.load_state_dict(state)
+    except Exception as e:  # missing, truncated or tampered weights
+        raise CorruptIndexError(f"{path}: cannot load the adapted encoder ({e}); "
+                                f"re-embed with `simsearch reembed --encoder cnn`") from None
+    return CNNEncoder(model.eval().requires_grad_(False), name=ADAPTED_NAME, version=version)
+
+
+def train_index(engine, *, config: AdaptConfig = AdaptConfig(), progress=None) -> dict:
+    """Adapt the CNN to the labelled files of ``engine``'s index and switch the index to it.
+
+    Steps: read the labelled files; fine-tune the shipped CNN (:func:`adapt_model`); save the
+    weights under ``models/`` (atomically, named by their hash, so the same seed gives the
+    same version); re-embed every indexed file with the new encoder and switch in one
+    transaction (:meth:`simsearch.Engine.reembed`). An interruption at any point leaves the
+    previous encoder and vectors in use. Returns a summary (plain data).
+    """
+    import hashlib
+    import io
+
+    import torch
+
+    from . import audio, cnn
+    from .errors import AudioReadError, UsageError
+    from .store import _atomic_write as atomic_write
+
+    with engine.store.locked():
+        catalog = engine.catalog()
+        labelled = sorted((catalog.paths[f], label) for f, label in catalog.labels.items())
+        counts = {}
+        for _, label in labelled:
+            counts[label] = counts.get(label, 0) + 1
+        if len(counts) < 2 or min(counts.values()) < 2:
+            raise UsageError(f"training needs at least two labels with two files each; the index has {counts}")
+        waves, labels, failed = [], [], []
+        for path, label in labelled:
+            try:
+                waves.append(audio.load(path, sample_rate=cnn.SAMPLE_RATE).samples)
+                labels.append(label)
+            except AudioReadError as e:
+                failed.append((path, e.reason))
+        model = adapt_model(cnn.load_default(), waves, labels, config=config,
+                            progress=(lambda done, total: progress("training", done, total)) if progress else None)
+        buffer = io.BytesIO()
+        torch.save(model.state_dict(), buffer)
+        version = hashlib.sha256(buffer.getvalue()).hexdigest()[:12]
+        path = adapted_weights_path(engine.store.directory, version)
+        path.parent.mkdir(exist_ok=True)
+        atomic_write(path, buffer.getvalue())
+        report = engine.reembed(load_adapted(engine.store.directory, version),
+                                progress=(lambda done, total: progress("re-embedding", done, total)) if progress else None)
+        if report.failed:
+            raise UsageError(f"{len(report.failed)} indexed files cannot be read any more (first: "
+                             f"{report.failed[0][0]}: {report.failed[0][1]}); nothing was switched — run "
+                             f"`simsearch index DIR --prune` first")
+    return {"encoder": f"{ADAPTED_NAME}-v{version}", "labels": counts, "trained_on": len(waves),
+            "epochs": config.epochs, "seed": config.seed, "reembedded": len(report.added),
+            "failed": failed}

@@ -199,6 +199,43 @@ def reembed(encoder: str = typer.Option(..., "--encoder", help="Encoder to re-em
 
 
 @app.command()
+def train(epochs: int = typer.Option(6, "--epochs", min=1, help="Passes over the labelled clips."),
+          seed: int = typer.Option(0, "--seed", help="Same seed, same labels: the same adapted model."),
+          index: Optional[Path] = IndexOpt, quiet: bool = QuietOpt, as_json: bool = JsonOpt):
+    """Adapt the CNN to this index's labels, re-embed everything, switch atomically when done."""
+    from .adapt import AdaptConfig
+
+    with _engine(index) as engine, _staged_progress(not (quiet or as_json)) as progress:
+        summary = engine.train(config=AdaptConfig(epochs=epochs, seed=seed), progress=progress)
+    if as_json:
+        typer.echo(json.dumps(summary))
+    elif not quiet:
+        typer.echo(f"now using {summary['encoder']}: trained on {summary['trained_on']} labelled files "
+                   f"({len(summary['labels'])} labels), re-embedded {summary['reembedded']} files")
+    raise typer.Exit(_report_failures(summary["failed"]))
+
+
+@contextlib.contextmanager
+def _staged_progress(enabled: bool):
+    """Like :func:`_progress` for several stages: yields ``progress(stage, done, total)``."""
+    if not enabled:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  transient=True) as bar:
+        tasks = {}
+
+        def update(stage, done, total):
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done, total=total)
+
+        yield update
+
+
+@app.command()
 def show(clip: Path = typer.Argument(..., help="An audio file."),
          plot: Path = typer.Option(..., "--plot", help="PNG to write: mel spectrogram, chroma, spectral contrast.")):
     """Draw what the handcrafted strategy sees in a clip (mel spectrogram, chroma, spectral contrast)."""
