@@ -73,7 +73,6 @@ class _Job:
     path: str
     stat: os.stat_result
     label: str | None
-    decoded: audio.Decoded | None = None
 
 
 class Engine:
@@ -135,6 +134,10 @@ class Engine:
         vanished file is a move (path updated, labels kept, nothing re-embedded). With
         ``prune``, files under ``paths`` that no longer exist are deleted from the index.
         Unreadable files are reported in ``failed`` (and remembered until they change).
+
+        Files are decoded in worker processes, each under ``config.read.timeout_seconds``,
+        and committed in batches of ``config.batch_files``: an interrupted run keeps every
+        batch it committed and the next run carries on from there.
         """
         pattern = re.compile(label_regex) if label_regex else None
         if pattern is not None and pattern.groups < 1:
@@ -142,7 +145,7 @@ class Engine:
         roots = [os.path.abspath(os.path.expanduser(os.fspath(p))) for p in paths]
         report = IndexReport()
         for root in roots:
-            if not os.path.exists(root):
+            if not os.path.lexists(root):
                 report.failed.append((root, "no such file or directory"))
 
         def label_for(path: str) -> str | None:
@@ -155,7 +158,7 @@ class Engine:
 
         with self.store.locked():
             self.encoder  # fail early on an encoder mismatch
-            files = [str(p) for p in audio.find_audio_files(r for r in roots if os.path.exists(r))]
+            files = [str(p) for p in audio.find_audio_files(r for r in roots if os.path.lexists(r))]
             jobs = self._plan(files, label_for, report)
             self._run_jobs(jobs, report, progress=progress, total=len(files), done=len(files) - len(jobs),
                            label_source="folder" if label_from_folders else "regex")
@@ -165,12 +168,16 @@ class Engine:
         return report
 
     def _plan(self, files: list[str], label_for, report: IndexReport) -> list[_Job]:
-        jobs, relabel = [], []
+        jobs, relabel, unstattable = [], [], []
         for path in files:
             try:
                 stat = os.stat(path)
             except OSError as e:
-                report.failed.append((path, f"cannot stat: {e.strerror}"))
+                reason = f"cannot stat: {e.strerror}"  # a dangling symlink, a symlink loop, a vanished file
+                report.failed.append((path, reason))
+                known = self.store.failure(path)
+                if known is None or known[2] != reason:
+                    unstattable.append((path, reason))
                 continue
             existing = self.store.file_by_path(path)
             label = label_for(path)
@@ -184,10 +191,12 @@ class Engine:
                 report.failed.append((path, known_bad[2]))
                 continue
             jobs.append(_Job(path, stat, label))
-        if relabel:
+        if relabel or unstattable:
             with self.store.writing():
                 for file_id, label in relabel:
                     self.store.set_label([file_id], label, source="auto")
+                for path, reason in unstattable:
+                    self.store.record_failure(path, None, None, reason)
         return jobs
 
     def _run_jobs(self, jobs: list[_Job], report: IndexReport, *, progress: Progress | None, total: int, done: int,
@@ -196,70 +205,104 @@ class Engine:
         file_ids = []
         if progress:
             progress(done, total)
-        for start in range(0, len(jobs), self.config.batch_files):
-            batch = jobs[start:start + self.config.batch_files]
-            ready, failures = [], []
-            for job in batch:
-                try:
-                    data = audio.read_bytes(job.path)
-                    moved = self._find_moved(audio.content_hash(data), job.path)
-                    if moved is not None:
-                        ready.append((job, moved))
-                        continue
-                    job.decoded = self._decode(job.path, data)
-                    ready.append((job, None))
-                except AudioReadError as e:
-                    failures.append((job, e.reason))
-            waves, owners = [], []
-            for i, (job, moved) in enumerate(ready):
-                if moved is None:
-                    cuts = audio.segment_bounds(len(job.decoded.samples), job.decoded.sample_rate, self.config.segments)
-                    waves += [job.decoded.samples[s:e] for s, e in cuts]
-                    owners += [(i, s, e) for s, e in cuts]
-            vectors = self.encoder.embed(waves) if waves else None
-            sr = self.encoder.sample_rate
-            with self.store.writing():
-                for job, reason in failures:
-                    self.store.record_failure(job.path, job.stat.st_size, job.stat.st_mtime_ns, reason)
-                    report.failed.append((job.path, reason))
-                for i, (job, moved) in enumerate(ready):
-                    self.store.clear_failure(job.path)
-                    if moved is not None:
-                        self.store.update_file(moved.id, path=job.path, size=job.stat.st_size,
-                                               mtime_ns=job.stat.st_mtime_ns)
-                        file_id = moved.id
-                        if moved.path == job.path:
-                            report.unchanged.append(job.path)
-                        else:
-                            report.moved.append((moved.path, job.path))
-                    else:
-                        rows = [r for r, owner in enumerate(owners) if owner[0] == i]
-                        record = FileRecord(job.path, job.stat.st_size, job.stat.st_mtime_ns, job.decoded.content_hash,
-                                            job.decoded.duration, job.decoded.native_rate)
-                        bounds = [(owners[r][1] / sr, owners[r][2] / sr) for r in rows]
-                        file_id = self.store.add_file(record, bounds, vectors[rows])
-                        report.added.append(job.path)
-                    if job.label is not None:
-                        self.store.set_label([file_id], job.label, source=label_source)
-                    file_ids.append(file_id)
-            for job, _ in ready:
-                job.decoded = None  # free the audio of this batch
-            if progress:
-                progress(done + start + len(batch), total)
+        if not jobs:
+            return file_ids
+        claimed: set[int] = set()  # indexed files already taken as the origin of a move in this run
+        read = self.config.read
+        with audio.DecodePool(sample_rate=self.encoder.sample_rate, max_seconds=read.max_seconds,
+                              timeout=read.timeout_seconds) as pool:
+            for start in range(0, len(jobs), self.config.batch_files):
+                batch = jobs[start:start + self.config.batch_files]
+                file_ids += self._run_batch(batch, pool, claimed, report, label_source)
+                if progress:
+                    progress(done + start + len(batch), total)
         return file_ids
 
-    def _find_moved(self, content_hash: str, path: str) -> FileRecord | None:
+    def _run_batch(self, batch: list[_Job], pool: audio.DecodePool, claimed: set[int], report: IndexReport,
+                   label_source: str) -> list[int]:
+        moves: dict[int, FileRecord] = {}
+
+        def wanted(i: int, content_hash: str) -> bool:
+            # A file with the content of an indexed file whose own path is gone is a move: it
+            # needs no decoding, let alone embedding.
+            moved = self._find_moved(content_hash, batch[i].path, claimed)
+            if moved is None:
+                return True
+            moves[i] = moved
+            claimed.add(moved.id)
+            return False
+
+        results = pool.run([job.path for job in batch], wanted=wanted)
+        failures = [(job, result) for job, result in zip(batch, results) if result.error is not None]
+        ready = [(job, result, moves.get(i)) for i, (job, result) in enumerate(zip(batch, results))
+                 if result.error is None]
+        embedded = self._embed_batch([result.decoded for _, result, moved in ready if moved is None])
+        file_ids = []
+        with self.store.writing():
+            for job, result in failures:
+                # Remembered with the stat of the bytes judged, so only a change brings a retry
+                # (a file that changed while being read keeps the stat it was listed with).
+                size, mtime_ns = (result.size, result.mtime_ns) if result.size is not None else \
+                    (job.stat.st_size, job.stat.st_mtime_ns)
+                self.store.record_failure(job.path, size, mtime_ns, result.error)
+                report.failed.append((job.path, result.error))
+            for job, result, moved in ready:
+                if moved is None:
+                    bounds, vectors = embedded.pop(0)
+                    if not np.isfinite(vectors).all():
+                        reason = "the encoder produced non-finite values for this audio"
+                        self.store.record_failure(job.path, result.size, result.mtime_ns, reason)
+                        report.failed.append((job.path, reason))
+                        continue
+                self.store.clear_failure(job.path)
+                if moved is not None:
+                    self.store.update_file(moved.id, path=job.path, size=result.size, mtime_ns=result.mtime_ns)
+                    file_id = moved.id
+                    if moved.path == job.path:
+                        report.unchanged.append(job.path)
+                    else:
+                        report.moved.append((moved.path, job.path))
+                else:
+                    record = FileRecord(job.path, result.size, result.mtime_ns, result.content_hash,
+                                        result.decoded.duration, result.decoded.native_rate)
+                    file_id = self.store.add_file(record, bounds, vectors)
+                    report.added.append(job.path)
+                if job.label is not None:
+                    self.store.set_label([file_id], job.label, source=label_source)
+                file_ids.append(file_id)
+        return file_ids
+
+    def _embed_batch(self, decoded: list[audio.Decoded]) -> list[tuple[list[tuple[float, float]], np.ndarray]]:
+        """Segment and embed several files in one encoder call; ``(bounds, vectors)`` per file."""
+        waves, owners = [], []
+        for i, item in enumerate(decoded):
+            cuts = audio.segment_bounds(len(item.samples), item.sample_rate, self.config.segments)
+            waves += [item.samples[s:e] for s, e in cuts]
+            owners += [(i, s, e) for s, e in cuts]
+        vectors = self.encoder.embed(waves) if waves else None
+        sr = self.encoder.sample_rate
+        out = []
+        for i in range(len(decoded)):
+            rows = [r for r, owner in enumerate(owners) if owner[0] == i]
+            out.append(([(owners[r][1] / sr, owners[r][2] / sr) for r in rows], vectors[rows]))
+        return out
+
+    def _find_moved(self, content_hash: str, path: str, claimed: set[int] = frozenset()) -> FileRecord | None:
         """An indexed file with this content whose own path is gone (a move), or this very path."""
         for record in self.store.files_by_hash(content_hash):
-            if record.path == path or not os.path.exists(record.path):
+            if record.id not in claimed and (record.path == path or not os.path.exists(record.path)):
                 return record
         return None
 
     def _prune(self, roots: list[str], report: IndexReport) -> None:
         gone = [r for root in roots for r in self.store.files_under(root) if not os.path.exists(r.path)]
-        if gone:
+        stale = [path for path, _ in self.store.failures()
+                 if not os.path.lexists(path) and any(path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+                                                      for root in roots)]
+        if gone or stale:
             with self.store.writing():
                 self.store.delete_files([r.id for r in gone])
+                self.store.forget_failures(stale)
             report.pruned += [r.path for r in gone]
 
     # ---- labels and removal ---------------------------------------------------------------
@@ -337,14 +380,16 @@ class Engine:
 
     def remove(self, paths: Iterable[str | os.PathLike]) -> list[str]:
         """Delete files (or everything under folders) from SQLite and FAISS; returns removed paths."""
-        records = []
-        for raw in paths:
-            records += self.store.files_under(os.path.abspath(os.path.expanduser(os.fspath(raw))))
-        if records:
-            with self.store.writing():
-                self.store.delete_files([r.id for r in records])
-            self.store.vector_index()
-        return [r.path for r in records]
+        with self.store.locked():
+            records = {}
+            for raw in paths:
+                for record in self.store.files_under(os.path.abspath(os.path.expanduser(os.fspath(raw)))):
+                    records[record.id] = record
+            if records:
+                with self.store.writing():
+                    self.store.delete_files(list(records))
+                self.store.vector_index()
+        return [r.path for r in records.values()]
 
     # ---- information -------------------------------------------------------------------
     def info(self) -> dict:
@@ -360,7 +405,7 @@ class Engine:
 
     def failures(self) -> list[tuple[str, str]]:
         """Files that could not be read, with the reason, as recorded by the last runs."""
-        return [tuple(r) for r in self.store.db.execute("SELECT path, reason FROM failures ORDER BY path")]
+        return self.store.failures()
 
     def catalog(self) -> Catalog:
         generation = self.store.generation
