@@ -227,7 +227,7 @@ def train_index(engine, *, config: AdaptConfig = AdaptConfig(), progress=None) -
 
     from . import audio, cnn
     from .errors import AudioReadError, UsageError
-    from .store import _atomic_write as atomic_write
+    from .store import atomic_write
 
     with engine.store.locked():
         catalog = engine.catalog()

@@ -30,3 +30,10 @@ class CorruptIndexError(SimsearchError):
 
 class UsageError(SimsearchError):
     """The caller asked for something that cannot be done (bad option, unknown encoder...)."""
+
+
+class IndexWriteError(SimsearchError):
+    """The index directory cannot be written (disk full, read-only, no permission).
+
+    The step that failed changed nothing: the index is as it was before it.
+    """

@@ -58,6 +58,7 @@ CLI = ENCODER + r'''
 import atexit, contextlib, os, signal, sys, time
 import faiss, rich.progress, sqlite_utils  # imported up front, so a kill "after a delay" lands in the work
 from simsearch import audio, engine, store
+from simsearch.store import database as store_database
 from simsearch.config import EngineConfig
 
 # Small batches, so that a run is many commits and a crash can fall between any two.
@@ -113,7 +114,7 @@ def decode(data, *, path, **kwargs):  # runs in the forked decode worker
 
 
 audio.decode = decode
-real_atomic_write = store._atomic_write
+real_atomic_write = store_database.atomic_write
 
 
 def atomic_write(path, data):
@@ -127,7 +128,7 @@ def atomic_write(path, data):
         die()
 
 
-store._atomic_write = atomic_write
+store_database.atomic_write = atomic_write
 from simsearch.cli import main
 
 sys.argv = ["simsearch", *sys.argv[1:]]
