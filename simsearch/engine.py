@@ -8,21 +8,21 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from . import audio, search
+from . import audio, indexer, search
+from .indexer import IndexReport, Progress
 from .config import EngineConfig, default_index_dir
+from .adapt import ADAPTED_NAME, AdaptConfig, load_adapted
 from .encoders import Encoder, get_encoder
 from .errors import AudioReadError, UsageError
-from .store import Catalog, FileRecord, Store
+from .store import Catalog, Store
 from .vote import Category
 
-Progress = Callable[[int, int], None]
-"""Called as ``progress(done, total)`` while a long operation runs."""
 
 
 @dataclass(frozen=True)
@@ -53,28 +53,6 @@ class QueryResult:
                 "neighbours": [n.to_dict() for n in self.neighbours]}
 
 
-@dataclass
-class IndexReport:
-    """What an :meth:`Engine.index` run did, path by path."""
-
-    added: list[str] = field(default_factory=list)
-    moved: list[tuple[str, str]] = field(default_factory=list)
-    unchanged: list[str] = field(default_factory=list)
-    pruned: list[str] = field(default_factory=list)
-    failed: list[tuple[str, str]] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return {"added": len(self.added), "moved": len(self.moved), "unchanged": len(self.unchanged),
-                "pruned": len(self.pruned), "failed": [{"path": p, "reason": r} for p, r in self.failed]}
-
-
-@dataclass
-class _Job:
-    path: str
-    stat: os.stat_result
-    label: str | None
-
-
 class Engine:
     """An index directory plus the encoder that fills it.
 
@@ -103,7 +81,10 @@ class Engine:
         if self._encoder is None:
             recorded = self.store.encoder()
             name = self._encoder_name or (recorded[0] if recorded else self.config.encoder)
-            encoder = get_encoder(name)
+            if recorded and name == recorded[0] == ADAPTED_NAME:
+                encoder = load_adapted(self.store.directory, recorded[1])  # made by `simsearch train`
+            else:
+                encoder = get_encoder(name)
             self.store.claim_encoder(encoder.name, encoder.version, encoder.dim)
             self._encoder = encoder
         return self._encoder
@@ -159,151 +140,13 @@ class Engine:
         with self.store.locked():
             self.encoder  # fail early on an encoder mismatch
             files = [str(p) for p in audio.find_audio_files(r for r in roots if os.path.lexists(r))]
-            jobs = self._plan(files, label_for, report)
-            self._run_jobs(jobs, report, progress=progress, total=len(files), done=len(files) - len(jobs),
+            jobs = indexer.plan(self, files, label_for, report)
+            indexer.run_jobs(self, jobs, report, progress=progress, total=len(files), done=len(files) - len(jobs),
                            label_source="folder" if label_from_folders else "regex")
             if prune:
-                self._prune(roots, report)
+                indexer.prune(self, roots, report)
             self.store.vector_index()  # bring the FAISS cache up to date once per run
         return report
-
-    def _plan(self, files: list[str], label_for, report: IndexReport) -> list[_Job]:
-        jobs, relabel, unstattable = [], [], []
-        for path in files:
-            try:
-                stat = os.stat(path)
-            except OSError as e:
-                reason = f"cannot stat: {e.strerror}"  # a dangling symlink, a symlink loop, a vanished file
-                report.failed.append((path, reason))
-                known = self.store.failure(path)
-                if known is None or known[2] != reason:
-                    unstattable.append((path, reason))
-                continue
-            existing = self.store.file_by_path(path)
-            label = label_for(path)
-            if existing and (existing.size, existing.mtime_ns) == (stat.st_size, stat.st_mtime_ns):
-                report.unchanged.append(path)
-                if label is not None:
-                    relabel.append((existing.id, label))
-                continue
-            known_bad = self.store.failure(path)
-            if known_bad and tuple(known_bad[:2]) == (stat.st_size, stat.st_mtime_ns):
-                report.failed.append((path, known_bad[2]))
-                continue
-            jobs.append(_Job(path, stat, label))
-        if relabel or unstattable:
-            with self.store.writing():
-                for file_id, label in relabel:
-                    self.store.set_label([file_id], label, source="auto")
-                for path, reason in unstattable:
-                    self.store.record_failure(path, None, None, reason)
-        return jobs
-
-    def _run_jobs(self, jobs: list[_Job], report: IndexReport, *, progress: Progress | None, total: int, done: int,
-                  label_source: str = "manual") -> list[int]:
-        """Read, embed and store ``jobs`` in batches, one transaction per batch. Returns file ids."""
-        file_ids = []
-        if progress:
-            progress(done, total)
-        if not jobs:
-            return file_ids
-        claimed: set[int] = set()  # indexed files already taken as the origin of a move in this run
-        read = self.config.read
-        with audio.DecodePool(sample_rate=self.encoder.sample_rate, max_seconds=read.max_seconds,
-                              timeout=read.timeout_seconds) as pool:
-            for start in range(0, len(jobs), self.config.batch_files):
-                batch = jobs[start:start + self.config.batch_files]
-                file_ids += self._run_batch(batch, pool, claimed, report, label_source)
-                if progress:
-                    progress(done + start + len(batch), total)
-        return file_ids
-
-    def _run_batch(self, batch: list[_Job], pool: audio.DecodePool, claimed: set[int], report: IndexReport,
-                   label_source: str) -> list[int]:
-        moves: dict[int, FileRecord] = {}
-
-        def wanted(i: int, content_hash: str) -> bool:
-            # A file with the content of an indexed file whose own path is gone is a move: it
-            # needs no decoding, let alone embedding.
-            moved = self._find_moved(content_hash, batch[i].path, claimed)
-            if moved is None:
-                return True
-            moves[i] = moved
-            claimed.add(moved.id)
-            return False
-
-        results = pool.run([job.path for job in batch], wanted=wanted)
-        failures = [(job, result) for job, result in zip(batch, results) if result.error is not None]
-        ready = [(job, result, moves.get(i)) for i, (job, result) in enumerate(zip(batch, results))
-                 if result.error is None]
-        embedded = self._embed_batch([result.decoded for _, result, moved in ready if moved is None])
-        file_ids = []
-        with self.store.writing():
-            for job, result in failures:
-                # Remembered with the stat of the bytes judged, so only a change brings a retry
-                # (a file that changed while being read keeps the stat it was listed with).
-                size, mtime_ns = (result.size, result.mtime_ns) if result.size is not None else \
-                    (job.stat.st_size, job.stat.st_mtime_ns)
-                self.store.record_failure(job.path, size, mtime_ns, result.error)
-                report.failed.append((job.path, result.error))
-            for job, result, moved in ready:
-                if moved is None:
-                    bounds, vectors = embedded.pop(0)
-                    if not np.isfinite(vectors).all():
-                        reason = "the encoder produced non-finite values for this audio"
-                        self.store.record_failure(job.path, result.size, result.mtime_ns, reason)
-                        report.failed.append((job.path, reason))
-                        continue
-                self.store.clear_failure(job.path)
-                if moved is not None:
-                    self.store.update_file(moved.id, path=job.path, size=result.size, mtime_ns=result.mtime_ns)
-                    file_id = moved.id
-                    if moved.path == job.path:
-                        report.unchanged.append(job.path)
-                    else:
-                        report.moved.append((moved.path, job.path))
-                else:
-                    record = FileRecord(job.path, result.size, result.mtime_ns, result.content_hash,
-                                        result.decoded.duration, result.decoded.native_rate)
-                    file_id = self.store.add_file(record, bounds, vectors)
-                    report.added.append(job.path)
-                if job.label is not None:
-                    self.store.set_label([file_id], job.label, source=label_source)
-                file_ids.append(file_id)
-        return file_ids
-
-    def _embed_batch(self, decoded: list[audio.Decoded]) -> list[tuple[list[tuple[float, float]], np.ndarray]]:
-        """Segment and embed several files in one encoder call; ``(bounds, vectors)`` per file."""
-        waves, owners = [], []
-        for i, item in enumerate(decoded):
-            cuts = audio.segment_bounds(len(item.samples), item.sample_rate, self.config.segments)
-            waves += [item.samples[s:e] for s, e in cuts]
-            owners += [(i, s, e) for s, e in cuts]
-        vectors = self.encoder.embed(waves) if waves else None
-        sr = self.encoder.sample_rate
-        out = []
-        for i in range(len(decoded)):
-            rows = [r for r, owner in enumerate(owners) if owner[0] == i]
-            out.append(([(owners[r][1] / sr, owners[r][2] / sr) for r in rows], vectors[rows]))
-        return out
-
-    def _find_moved(self, content_hash: str, path: str, claimed: set[int] = frozenset()) -> FileRecord | None:
-        """An indexed file with this content whose own path is gone (a move), or this very path."""
-        for record in self.store.files_by_hash(content_hash):
-            if record.id not in claimed and (record.path == path or not os.path.exists(record.path)):
-                return record
-        return None
-
-    def _prune(self, roots: list[str], report: IndexReport) -> None:
-        gone = [r for root in roots for r in self.store.files_under(root) if not os.path.exists(r.path)]
-        stale = [path for path, _ in self.store.failures()
-                 if not os.path.lexists(path) and any(path == root or path.startswith(root.rstrip(os.sep) + os.sep)
-                                                      for root in roots)]
-        if gone or stale:
-            with self.store.writing():
-                self.store.delete_files([r.id for r in gone])
-                self.store.forget_failures(stale)
-            report.pruned += [r.path for r in gone]
 
     # ---- labels and removal ---------------------------------------------------------------
     def label(self, label: str, clips: Iterable[str | os.PathLike], *, progress: Progress | None = None) -> IndexReport:
@@ -325,11 +168,11 @@ class Engine:
                     known.append(record.id)
                     report.unchanged.append(path)
                 else:
-                    jobs.append(_Job(path, stat, label))
+                    jobs.append(indexer.Job(path, stat, label))
             if known:
                 with self.store.writing():
                     self.store.set_label(known, label)
-            self._run_jobs(jobs, report, progress=progress, total=len(jobs), done=0)
+            indexer.run_jobs(self, jobs, report, progress=progress, total=len(jobs), done=0)
             self.store.vector_index()
         return report
 
@@ -365,6 +208,15 @@ class Engine:
             self._encoder, self._encoder_name = new, new.name
             self.store.vector_index()
         return report
+
+    def train(self, *, config: AdaptConfig = AdaptConfig(), progress=None) -> dict:
+        """Adapt the CNN to this index's labels, re-embed everything and switch atomically.
+
+        See :func:`simsearch.adapt.train_index`; ``progress(stage, done, total)``.
+        """
+        from .adapt import train_index
+
+        return train_index(self, config=config, progress=progress)
 
     def unlabel(self, clips: Iterable[str | os.PathLike]) -> int:
         """Remove the label of these indexed files; returns how many had one."""

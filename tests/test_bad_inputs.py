@@ -21,7 +21,7 @@ import pytest
 
 from badfiles import write_corpus
 from conftest import write_wav
-from simsearch import Engine, EngineConfig, audio, synth
+from simsearch import Engine, EngineConfig, audio, decode_pool, synth
 from simsearch.config import ReadConfig
 from test_crash_safety import CLI, launch
 
@@ -84,8 +84,8 @@ def test_corpus_good_files_indexed_bad_ones_reported_and_remembered(tmp_path, li
 
         # Remembered: a second run decodes nothing and reports the same failures.
         decoded = []
-        real_run = audio.DecodePool.run
-        monkeypatch.setattr(audio.DecodePool, "run", lambda self, paths, **kw: decoded.extend(paths) or real_run(self, paths, **kw))
+        real_run = decode_pool.DecodePool.run
+        monkeypatch.setattr(decode_pool.DecodePool, "run", lambda self, paths, **kw: decoded.extend(paths) or real_run(self, paths, **kw))
         again = engine.index([tmp_path / "corpus"])
         assert dict(again.failed) == dict(report.failed) and not again.added
         assert decoded == []
@@ -244,7 +244,7 @@ def test_an_hour_long_file_is_decoded_and_cut_into_windows(tmp_path):
     with sf.SoundFile(path, "w", samplerate=8000, channels=1, subtype="PCM_16") as f:
         for _ in range(60):
             f.write(minute)
-    with audio.DecodePool(sample_rate=16000, max_seconds=ReadConfig().max_seconds,
+    with decode_pool.DecodePool(sample_rate=16000, max_seconds=ReadConfig().max_seconds,
                           timeout=ReadConfig().timeout_seconds) as pool:
         [result] = pool.run([str(path)])
     assert result.error is None, result.error
