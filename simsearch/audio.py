@@ -114,18 +114,8 @@ def _read_all(f) -> bytes:
 
 
 def read_bytes(path: str | os.PathLike) -> bytes:
-    """Read a whole file, turning OS errors into :class:`AudioReadError`."""
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except IsADirectoryError:
-        raise AudioReadError(path, "is a directory, not an audio file") from None
-    except PermissionError:
-        raise AudioReadError(path, "permission denied") from None
-    except FileNotFoundError:
-        raise AudioReadError(path, "no such file") from None
-    except OSError as e:
-        raise AudioReadError(path, f"cannot read: {e.strerror or e}") from None
+    """The bytes of a regular file (see :func:`read_file`)."""
+    return read_file(path)[0]
 
 
 def decode(data: bytes, *, path: str | os.PathLike, sample_rate: int, max_seconds: float,
