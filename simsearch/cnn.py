@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import importlib.resources
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -26,7 +26,7 @@ FMIN = 50.0  #: Hz, lowest mel band edge.
 FMAX = 8000.0  #: Hz, highest mel band edge.
 LOG_EPS = 1e-6  #: floor added to mel power before the natural log.
 EMBEDDING_DIM = 128  #: size of the output embedding.
-CHANNELS = (24, 48, 96, 192)  #: conv widths of the four blocks.
+CHANNELS = (16, 48, 96, 192)  #: conv widths of the four blocks.
 MODEL_NAME = "cnn"
 MODEL_VERSION = "1"
 WEIGHTS_FILE = "cnn-v1.pt"
@@ -34,6 +34,7 @@ WEIGHTS_FILE = "cnn-v1.pt"
 TRIM_TOP_DB = 40.0  #: frames quieter than (loudest frame - this) are trimmed at the ends.
 TRIM_MARGIN = 2 * HOP_LENGTH  #: samples of context kept either side of the trimmed region.
 MIN_SAMPLES = 4000  #: clips shorter than this (0.25 s) are zero-padded, centred.
+MAX_SEGMENT_SECONDS = 60.0  #: longer audio is embedded in segments (see embed_waveforms).
 _MIN_FRAMES = 2 ** len(CHANNELS)  # the network halves time once per block
 
 
@@ -78,7 +79,7 @@ def n_frames(n_samples: int | torch.Tensor) -> int | torch.Tensor:
     return n_samples // HOP_LENGTH + 1
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _mel_basis() -> torch.Tensor:
     import librosa
 
@@ -161,18 +162,22 @@ class AudioCNN(nn.Module):
         b, _, t = mels.shape
         if lengths is None:
             lengths = torch.full((b,), t, dtype=torch.long, device=mels.device)
+        full = bool((lengths == t).all())  # no padding: masks are no-ops, skip them
         mask = _time_mask(lengths, t)[:, None, :].to(mels.dtype)  # (B, 1, T)
         count = lengths.to(mels.dtype)[:, None, None] * mels.shape[1]
         mean = (mels * mask).sum((1, 2), keepdim=True) / count
         var = (((mels - mean) * mask) ** 2).sum((1, 2), keepdim=True) / count
         x = ((mels - mean) / torch.sqrt(var + 1e-5) * mask)[:, None]  # (B, 1, F, T)
         for i, conv in enumerate(self.convs):
-            x = conv(x) * mask[:, :, None, :]
+            x = conv(x)
+            if not full:
+                x = x * mask[:, :, None, :]
             if i % 2 == 1:
                 x = F.max_pool2d(x, 2)
                 lengths = lengths // 2
                 mask = _time_mask(lengths, x.shape[-1])[:, None, :].to(x.dtype)
-                x = x * mask[:, :, None, :]
+                if not full:  # a pooled frame may straddle the true end
+                    x = x * mask[:, :, None, :]
         x = x.mean(2)  # (B, C, T') average over frequency
         mean = x.sum(2) / lengths.clamp(min=1).to(x.dtype)[:, None]
         peak = x.masked_fill(mask == 0, float("-inf")).amax(2)
@@ -199,10 +204,13 @@ def embed_waveforms(model: AudioCNN, waves: Sequence[np.ndarray], batch_frames: 
         Usually :func:`load_default`; switched to eval mode.
     waves : sequence of np.ndarray, each shape (N_i,)
         Mono audio at :data:`SAMPLE_RATE` (any N_i >= 1, any gain); see
-        :func:`preprocess` for trimming, normalising and padding.
+        :func:`preprocess` for trimming, normalising and padding. Audio longer
+        than :data:`MAX_SEGMENT_SECONDS` after trimming is cut into equal
+        segments no longer than that, and the segment embeddings are averaged
+        and re-normalised (bounded memory for hour-long files).
     batch_frames : int
         Upper bound on padded frames per internal batch (memory knob only;
-        results do not depend on it beyond ~1e-6 float noise).
+        results do not depend on it beyond ~1e-7 float noise).
 
     Returns
     -------
@@ -210,21 +218,31 @@ def embed_waveforms(model: AudioCNN, waves: Sequence[np.ndarray], batch_frames: 
         Unit-norm embeddings, in input order. Deterministic on CPU.
     """
     model.eval()
-    clips = [preprocess(w) for w in waves]
-    out = np.zeros((len(clips), EMBEDDING_DIM), dtype=np.float32)
-    order = sorted(range(len(clips)), key=lambda i: clips[i].size)
+    pieces, owner = [], []
+    max_len = int(MAX_SEGMENT_SECONDS * SAMPLE_RATE)
+    for k, w in enumerate(waves):
+        x = preprocess(w)
+        n_seg = -(-x.size // max_len)
+        for seg in np.array_split(x, n_seg):
+            pieces.append(seg)
+            owner.append(k)
+    emb = np.zeros((len(pieces), EMBEDDING_DIM), dtype=np.float32)
+    order = sorted(range(len(pieces)), key=lambda i: pieces[i].size)
     with torch.inference_mode():
         start = 0
         while start < len(order):
             stop = start + 1  # grow the batch while the padded size fits the budget
-            while stop < len(order) and (stop + 1 - start) * n_frames(clips[order[stop]].size) <= batch_frames:
+            while stop < len(order) and (stop + 1 - start) * n_frames(pieces[order[stop]].size) <= batch_frames:
                 stop += 1
             idx = order[start:stop]
-            n_max = clips[idx[-1]].size
-            batch = torch.zeros(len(idx), n_max)
+            batch = torch.zeros(len(idx), pieces[idx[-1]].size)
             for row, i in enumerate(idx):
-                batch[row, : clips[i].size] = torch.from_numpy(clips[i])
-            lengths = torch.tensor([n_frames(clips[i].size) for i in idx])
-            out[idx] = model(log_mel(batch), lengths).numpy()
+                batch[row, : pieces[i].size] = torch.from_numpy(pieces[i])
+            lengths = torch.tensor([n_frames(pieces[i].size) for i in idx])
+            emb[idx] = model(log_mel(batch), lengths).numpy()
             start = stop
-    return out
+    if len(pieces) == len(waves):
+        return emb
+    out = np.zeros((len(waves), EMBEDDING_DIM), dtype=np.float32)
+    np.add.at(out, np.asarray(owner), emb)
+    return (out / np.linalg.norm(out, axis=1, keepdims=True)).astype(np.float32)
