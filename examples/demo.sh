@@ -28,3 +28,13 @@ simsearch query "$out/queries/hum_query.wav" -k 2 --include '*/long/*'
 
 echo; echo '$ simsearch labels'; simsearch labels
 echo; echo '$ simsearch info'; simsearch info
+
+echo; echo '$ simsearch evaluate examples/generated/library --label-from-folders --encoder cnn,features --shots 1,3 --folds 4'
+mkdir -p "$out/plots"
+simsearch evaluate "$out/library" --label-from-folders --encoder cnn,features --shots 1,3 --folds 4 --quiet \
+    --plot "$out/plots/evaluate.png"
+
+echo; echo 'Pictures that explain the answers:'
+simsearch query "$out/queries/siren_query.wav" -k 5 --plot "$out/plots/query.png" --quiet > /dev/null
+simsearch show "$out/queries/bell_query.wav" --plot "$out/plots/show.png"
+ls "$out"/plots/*.png
