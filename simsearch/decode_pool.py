@@ -8,8 +8,10 @@ malicious file) costs that file, not the run. Workers call :func:`simsearch.audi
 from __future__ import annotations
 
 import collections
+import contextlib
 import gc
 import json
+import math
 import os
 import signal
 import socket
@@ -24,6 +26,11 @@ import numpy as np
 from . import audio
 from .audio import Decoded
 from .errors import AudioReadError
+
+
+class Cancelled(Exception):
+    """Raised by :meth:`DecodePool.run` after :meth:`DecodePool.cancel`."""
+
 
 @dataclass
 class FileResult:
@@ -75,6 +82,7 @@ class DecodePool:
         self.workers = max(1, workers or min(4, os.cpu_count() or 1))
         self._idle: list[_Worker] = []
         self._all: dict[int, _Worker] = {}
+        self._cancelled = False
 
     def __enter__(self):
         return self
@@ -86,15 +94,54 @@ class DecodePool:
         """Read, hash and decode ``paths``; results in the same order.
 
         ``wanted(i, content_hash)`` is asked once file ``i`` is read; returning False skips
-        decoding it (a file already indexed under another name needs no decoding).
+        decoding it (a file already indexed under another name needs no decoding). It is
+        asked in the order of ``paths``, whichever worker finishes reading first, so that
+        decisions that depend on earlier ones (two copies of one moved file: the first
+        takes the move) do not depend on timing. A file waiting for its turn does not use
+        up its time limit.
         """
         from multiprocessing.connection import wait
 
+        n = len(paths)
         results = [FileResult(str(p)) for p in paths]
-        queue = collections.deque(range(len(paths)))
+        queue = collections.deque(range(n))
         busy: dict[object, tuple[_Worker, int, float]] = {}
+        awaiting: dict[int, object] = {}  # read and hashed, waiting for wanted() in path order
+        settled = [False] * n  # decided, or ended before there was anything to decide
+        next_up = 0
+
+        def finish(conn, worker: _Worker, i: int) -> None:
+            del busy[conn]
+            settled[i] = True
+            if worker.pid in self._all:
+                self._idle.append(worker)
+
+        def decide() -> None:
+            nonlocal next_up
+            while next_up < n and (next_up in awaiting or settled[next_up]):
+                i = next_up
+                next_up += 1
+                if i not in awaiting:
+                    continue
+                conn = awaiting.pop(i)
+                worker = busy[conn][0]
+                go = wanted is None or wanted(i, results[i].content_hash)
+                settled[i] = True
+                try:
+                    worker.conn.send_bytes(b"decode" if go else b"skip")
+                except OSError:
+                    del busy[conn]
+                    results[i].error = self._discard(worker)
+                    continue
+                if go:
+                    busy[conn] = (worker, i, time.monotonic() + self.timeout)
+                else:
+                    finish(conn, worker, i)
+
         try:
             while queue or busy:
+                if self._cancelled:
+                    raise Cancelled("the decode pool was cancelled")
                 while queue and (self._idle or len(self._all) < self.workers):
                     i = queue.popleft()
                     worker = self._idle.pop() if self._idle else self._spawn()
@@ -106,43 +153,48 @@ class DecodePool:
                         continue
                     busy[worker.conn] = (worker, i, time.monotonic() + self.timeout)
                 deadline = min(d for _, _, d in busy.values())
-                for conn in wait(list(busy), timeout=max(0.0, deadline - time.monotonic())):
+                timeout = 1.0 if deadline == math.inf else max(0.0, deadline - time.monotonic())
+                for conn in wait(list(busy), timeout=timeout):
                     worker, i, _ = busy[conn]
-                    if self._receive(worker, results[i], i, wanted):
-                        del busy[conn]
-                        if worker.pid in self._all:
-                            self._idle.append(worker)
+                    state = self._receive(worker, results[i])
+                    if state == "hashed":
+                        awaiting[i] = conn
+                        busy[conn] = (worker, i, math.inf)  # its turn may depend on slower files
+                    else:  # "done"; also a worker that died while waiting for its turn
+                        awaiting.pop(i, None)
+                        finish(conn, worker, i)
                 now = time.monotonic()
                 for conn, (worker, i, deadline) in list(busy.items()):
                     if now >= deadline:
                         del busy[conn]
+                        settled[i] = True
                         self._discard(worker)
                         results[i].error = f"reading and decoding took longer than {self.timeout:g} s; stopped"
+                decide()
         except BaseException:
             for worker, _, _ in busy.values():
                 self._discard(worker)
             raise
         return results
 
-    def _receive(self, worker: _Worker, result: FileResult, i: int, wanted) -> bool:
-        """Handle one message from ``worker``; True when it is done with the file."""
+    def _receive(self, worker: _Worker, result: FileResult) -> str:
+        """Handle one message from ``worker``: "hashed" (it waits to hear whether to decode)
+        or "done" (it is done with the file)."""
         try:
             reply = json.loads(worker.conn.recv_bytes())
             if "hash" in reply:
                 result.content_hash, result.size, result.mtime_ns = reply["hash"], reply["size"], reply["mtime_ns"]
-                go = wanted is None or wanted(i, result.content_hash)
-                worker.conn.send_bytes(b"decode" if go else b"skip")
-                return not go
+                return "hashed"
             if "error" in reply:
                 result.error = reply["error"]
-                return True
+                return "done"
             samples = np.frombuffer(worker.conn.recv_bytes(), dtype=np.float32)
             result.decoded = Decoded(samples=samples, sample_rate=self.sample_rate, native_rate=reply["native_rate"],
                                      content_hash=result.content_hash)
-            return True
+            return "done"
         except (EOFError, OSError):
             result.error = self._discard(worker)
-            return True
+            return "done"
 
     def _spawn(self) -> _Worker:
         from multiprocessing.connection import Connection
@@ -189,6 +241,15 @@ class DecodePool:
         if status is not None and os.WIFEXITED(status):
             return f"the decoder exited unexpectedly (status {os.WEXITSTATUS(status)})"
         return "the decoder was killed (out of memory?)"
+
+    def cancel(self) -> None:
+        """Make a :meth:`run` in progress in another thread stop soon (raising
+        :class:`Cancelled`), and every later one at once. Safe from any thread: it only kills
+        the workers; the thread running :meth:`run` (or :meth:`close`) reaps them."""
+        self._cancelled = True
+        for worker in list(self._all.values()):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker.pid, signal.SIGKILL)
 
     def close(self) -> None:
         """Stop every worker."""

@@ -13,14 +13,27 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import CorruptIndexError, EncoderMismatchError, IndexLockedError, IndexWriteError
+from ..errors import (
+    CorruptIndexError,
+    EncoderMismatchError,
+    IndexLockedError,
+    IndexWriteError,
+)
 from . import vector_cache
-from .files import DB_NAME, FAISS_NAME, SIDECAR_NAME, acquire_lock, atomic_write, remove_stale_temp_files
+from .files import (
+    DB_NAME,
+    FAISS_NAME,
+    SIDECAR_NAME,
+    acquire_lock,
+    atomic_write,
+    remove_stale_temp_files,
+)
+from .records import MIGRATIONS, SCHEMA_VERSION, Catalog, from_db, now
 from .rows import Rows, guarded
-from .records import (MIGRATIONS, SCHEMA_VERSION, Catalog, from_db, now)
+from .vectors import Vectors
 
 
-class Store(Rows):
+class Store(Rows, Vectors):
     """Open (or create) the index in ``directory``.
 
     Readers never block; a writer takes the directory's lock for the duration of
@@ -267,71 +280,7 @@ class Store(Rows):
     def disk_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.directory.iterdir() if p.is_file())
 
-    # ---- FAISS cache -----------------------------------------------------------------
-    @guarded
-    def vector_index(self):
-        """The FAISS index over all segments, loaded from the cache file or rebuilt from SQLite.
-
-        A rebuilt index is written back to the cache by the writer, or by a reader when no
-        writer is active; a reader that cannot write (read-only directory) just uses it.
-        """
-        with self._snapshot():
-            index = self._index_for(self.generation)
-        self._flush_cache()
-        return index
-
-    def _index_for(self, generation: int):
-        """The index of ``generation``, which the caller's snapshot is reading. A rebuilt one
-        is left in ``_unsaved`` for :meth:`_flush_cache`, once the snapshot is over."""
-        if self._faiss is not None and self._faiss[0] == generation:
-            return self._faiss[1]
-        index = self._load_cached(generation)
-        if index is None:
-            index = self._rebuild()
-            if self._write_depth:  # built from uncommitted rows: neither cached nor saved
-                return index
-            self._unsaved = (generation, index)
-        self._faiss = (generation, index)
-        return index
-
-    def _flush_cache(self) -> None:
-        """Write a rebuilt index to the cache files (see :meth:`vector_index`)."""
-        if self._unsaved is None:
-            return
-        (generation, index), self._unsaved = self._unsaved, None
-        if self._lock_fd is not None:  # the writer: failing to write is worth an error
-            self.save_vector_index(index, generation=generation)
-            return
-        try:
-            with self.locked():
-                if self.generation == generation:  # no writer committed since we read
-                    self.save_vector_index(index, generation=generation)
-        except (IndexLockedError, IndexWriteError, CorruptIndexError):
-            pass  # a reader leaves the stale cache to the next writer
-
-    def _segment_ids(self) -> np.ndarray:
-        rows = self.db.execute("SELECT id FROM segments ORDER BY id").fetchall()
-        return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-
-    def _load_cached(self, generation: int):
-        """The cached index if every check passes, else None (the caller rebuilds)."""
-        return vector_cache.load_cached(self.directory, generation=generation, ids=self._segment_ids(),
-                                        dim=self._meta_int("dim"))
-
-    def _rebuild(self):
-        dim = self._meta_int("dim", 1) or 1
-        index = vector_cache.empty_index(dim)
-        cursor = self.db.execute("SELECT id, vector FROM segments ORDER BY id")
-        while rows := cursor.fetchmany(65536):
-            bad = next((r[0] for r in rows if not isinstance(r[1], bytes) or len(r[1]) != 4 * dim), None)
-            if bad is not None:
-                raise CorruptIndexError(f"{self.directory / DB_NAME}: segment {bad} does not hold a vector of "
-                                        f"{dim} float32 values; the database is damaged")
-            ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-            vectors = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), dim)
-            index.add_with_ids(vectors, ids)
-        return index
-
+    # ---- FAISS cache (the rest is in :mod:`.vectors`) ------------------------------
     @guarded
     def save_vector_index(self, index, generation: int | None = None) -> None:
         """Write the FAISS file and its sidecar atomically (temp file, fsync, rename).
@@ -343,8 +292,7 @@ class Store(Rows):
         if generation is None:
             generation = self.generation
         blob, sidecar = vector_cache.serialise(index, generation=generation, built_at=now(),
-                                               encoder=self.get_meta("encoder"),
-                                               encoder_version=self.get_meta("encoder_version"))
+                                               instance=self._instance(), **self._cache_about())
         try:
             remove_stale_temp_files(self.directory)
             # FAISS first: a crash between the two renames leaves a sidecar whose checksum
@@ -356,16 +304,20 @@ class Store(Rows):
             raise IndexWriteError(f"cannot write the vector cache in {self.directory}: {what}; the database is "
                                   "intact and the cache will be rebuilt from it") from None
 
-    def search(self, queries: np.ndarray, k: int, allowed_ids: np.ndarray | None = None):
-        """Top-``k`` segments by inner product for each row of ``queries`` ``(q, dim)``.
+    def _instance(self) -> str | None:
+        """A random id made once per database and named in the sidecar, so that a cache is
+        never caught up against another database whose ids happen to match (one recreated in
+        the same directory). None inside a transaction that could still roll back."""
+        instance = self.get_meta("instance")
+        if instance is None and not self.db.conn.in_transaction:
+            import uuid
 
-        ``allowed_ids`` restricts the search itself (a FAISS ID selector), so filtering
-        happens before the top k are taken. Returns ``(scores, ids)``, each ``(q, k)``;
-        missing results have id -1. The vectors searched are those of the snapshot the last
-        :meth:`catalog` returned (so every id found is in it), or the latest before any.
-        """
-        index = self._pinned[1] if self._pinned is not None else self.vector_index()
-        return vector_cache.search(index, queries, k, allowed_ids)
+            with self._transaction(bump=False):  # no data changes: readers' snapshots stay valid
+                instance = self.get_meta("instance")
+                if instance is None:
+                    instance = uuid.uuid4().hex
+                    self._set_meta("instance", instance)
+        return instance
 
     def close(self) -> None:
         self._faiss = self._pinned = None
