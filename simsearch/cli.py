@@ -307,7 +307,7 @@ def evaluate(paths: list[Path] = typer.Argument(..., help="A labelled library (f
 def _print_evaluation(result: dict) -> None:
     typer.echo(f"{result['files']} files, {result['labels']} labels, {result['folds']} folds ({result['split']})\n")
     typer.echo(f"{'strategy':<16}{'top-1':>8}{'vote':>8}{'macro-F1':>10}{'embed s':>9}")
-    for name, r in result["strategies"].items():
+    for r in result["strategies"].values():
         typer.echo(f"{r['encoder']:<16}{r['top1']:>8.3f}{r['vote']:>8.3f}{r['macro_f1']:>10.3f}{r['embed_seconds']:>9.1f}")
     names = list(result["strategies"])
     typer.echo("\nper fold (top-1): " + ", ".join(names))
