@@ -119,3 +119,17 @@ def test_help_does_not_import_torch():
 
     code = "import sys; from simsearch.cli import app; import typer.main as m; m.get_command(app); print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
+def test_the_console_entry_point_keeps_exit_code_output_and_index(tmp_path, library):
+    """``main`` skips the interpreter's final garbage collection (``gc.freeze``); the exit
+    code, the output and everything the command wrote must be as with a plain exit."""
+    import subprocess
+    import sys
+
+    (library / "junk.wav").write_text("hello")
+    command = [sys.executable, "-m", "simsearch.cli", "index", str(library), "--encoder", "features", "--json",
+               "--index", str(tmp_path / "index")]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 1 and json.loads(result.stdout)["added"] == 16 and "junk.wav" in result.stderr
+    assert json.loads(run("info", "--json", index=tmp_path / "index").stdout)["files"] == 16
