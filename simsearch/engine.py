@@ -18,7 +18,7 @@ from . import audio, indexer, search
 from .indexer import IndexReport, Progress
 from .config import EngineConfig, default_index_dir
 from .adapt import ADAPTED_NAME, AdaptConfig, load_adapted
-from .encoders import Encoder, get_encoder
+from .encoders import ENCODERS, Encoder, get_encoder
 from .errors import AudioReadError, UsageError
 from .store import Catalog, Store
 from .vote import Category
@@ -89,6 +89,26 @@ class Engine:
             self._encoder = encoder
         return self._encoder
 
+    def _check_encoder(self) -> None:
+        """Raise :class:`~simsearch.errors.EncoderMismatchError` now if the encoder asked for
+        is not the one that made the index's vectors, judged by the recorded name (and
+        version, where the encoder's class declares one) without building it: re-indexing an
+        unchanged library then never loads a model (about a second with torch). A new or
+        empty index records its encoder here, as before; any other version difference is
+        caught when the encoder is first built, before anything is decoded or written."""
+        recorded = self.store.encoder()
+        if self._encoder is not None or recorded is None or self.store.count("segments") == 0:
+            self.encoder
+            return
+        name = self._encoder_name or recorded[0]
+        if name == recorded[0] == ADAPTED_NAME:
+            return  # its version is the checksum of the model file it was recorded with
+        factory = ENCODERS.get(name)
+        if factory is None:
+            get_encoder(name)  # raises the usual UsageError
+        version = getattr(factory, "version", None)
+        self.store.claim_encoder(name, version if isinstance(version, str) else recorded[1], recorded[2])
+
     def embed(self, samples: np.ndarray, *, encoder: Encoder | None = None) -> tuple[list[tuple[float, float]], np.ndarray]:
         """Cut a decoded signal (at the encoder's rate) into segments and embed them.
 
@@ -138,7 +158,7 @@ class Engine:
             return None
 
         with self.store.locked():
-            self.encoder  # fail early on an encoder mismatch
+            self._check_encoder()  # fail early on a mismatch, without loading a model
             files = [str(p) for p in audio.find_audio_files(r for r in roots if os.path.lexists(r))]
             jobs = indexer.plan(self, files, label_for, report)
             indexer.run_jobs(self, jobs, report, progress=progress, total=len(files), done=len(files) - len(jobs),

@@ -6,6 +6,7 @@ import os
 import shutil
 
 import numpy as np
+import pytest
 
 from simsearch import Engine
 from conftest import write_wav
@@ -96,3 +97,37 @@ def test_long_files_become_overlapping_windows(engine, tmp_path):
     bounds, _ = engine.store.file_vectors(engine.store.file_by_path(str(long)).id)
     assert bounds[0] == (0.0, 3.0) and bounds[-1][1] == 12.0
     assert all(b[0] - a[0] == 1.5 for a, b in zip(bounds, bounds[1:-1]))
+
+
+def test_reindex_unchanged_builds_no_encoder(tmp_path, library, monkeypatch):
+    """Nothing to embed, no model to load (the CNN costs a cold re-index about a second);
+    a changed file still gets one."""
+    from simsearch.encoders import ENCODERS, FeaturesEncoder
+
+    with Engine(tmp_path / "idx", encoder="features") as engine:
+        engine.index([library])
+    built = []
+    monkeypatch.setitem(ENCODERS, "features", lambda: built.append(1) or FeaturesEncoder())
+    with Engine(tmp_path / "idx") as engine:
+        report = engine.index([library])
+        assert len(report.unchanged) == 16 and built == []
+        write_wav(library / "bell" / "bell_0.wav", synth.make("chirp", 5))
+        assert len(engine.index([library]).added) == 1 and built == [1]
+
+
+def test_reindex_with_another_encoder_version_fails_before_anything_is_done(tmp_path, library, monkeypatch):
+    from simsearch import EncoderMismatchError
+    from simsearch.encoders import ENCODERS, FeaturesEncoder
+
+    with Engine(tmp_path / "idx", encoder="features") as engine:
+        engine.index([library])
+
+    class FeaturesV2(FeaturesEncoder):
+        version = "2"
+
+    monkeypatch.setitem(ENCODERS, "features", FeaturesV2)
+    (library / "bell" / "bell_0.wav").unlink()
+    with Engine(tmp_path / "idx") as engine, pytest.raises(EncoderMismatchError, match="features v1"):
+        engine.index([library], prune=True)
+    with Engine(tmp_path / "idx") as engine:
+        assert engine.info()["files"] == 16  # nothing pruned
