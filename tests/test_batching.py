@@ -146,8 +146,9 @@ def test_the_shipped_mel_filter_bank_is_librosas_bit_for_bit():
 
 
 def test_the_folded_inference_model_gives_the_trained_models_vectors(mixed, alone):
-    """Batches big enough to fold BatchNorm into the convolutions (indexing) and the model as
-    trained (one query clip) agree, and a model changed in place is folded again."""
+    """The inference copy (BatchNorm folded into the convolutions, channels-last weights),
+    in batches or one clip at a time, gives the model as trained (plain layout, unfolded,
+    one clip alone), and a model changed in place is folded again."""
     import torch
 
     from simsearch import cnn
@@ -155,8 +156,10 @@ def test_the_folded_inference_model_gives_the_trained_models_vectors(mixed, alon
     model = cnn.load_default()
     waves = [audio.load(p, sample_rate=16000).samples for p in sorted(alone)]
     with torch.inference_mode():
-        plain = np.concatenate([cnn.embed_waveforms(model, [w], batch_frames=10**6) for w in waves])
+        plain = np.concatenate([model(cnn.log_mel(torch.from_numpy(cnn.preprocess(w))[None])).numpy() for w in waves])
     folded = cnn.embed_waveforms(model, waves * 3, batch_frames=100)[:len(waves)]
+    one_by_one = np.concatenate([cnn.embed_waveforms(model, [w]) for w in waves])
+    assert np.abs(plain - one_by_one).max() <= 1e-5
     assert cnn._FOLDED.get(model) is not None and np.abs(plain - folded).max() <= 1e-5
     changed = cnn.AudioCNN()
     changed.load_state_dict(model.state_dict())
