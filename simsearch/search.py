@@ -27,11 +27,14 @@ def glob_matcher(patterns: Iterable[str]):
 
 @dataclass(frozen=True)
 class _Prepared:
-    """What every query on one catalog needs, computed once per catalog: all file ids
-    (sorted, read-only) and which file ids are labelled (a mask indexed by file id)."""
+    """What every query on one catalog needs, computed once per catalog: all file ids and
+    the labelled ones (sorted, read-only), which file ids are labelled (a mask indexed by
+    file id), and the segment selections of searches over either set (filled on first use)."""
 
     files: np.ndarray
     labelled: np.ndarray
+    labelled_files: np.ndarray
+    selections: dict
 
 
 _prepared_for: tuple[weakref.ref, _Prepared] | None = None
@@ -47,8 +50,9 @@ def _prepare(catalog: Catalog) -> _Prepared:
     size = int(max(files[-1] if len(files) else 0, catalog.segment_files.max(initial=0))) + 1
     labelled = np.zeros(size, dtype=bool)
     labelled[np.fromiter(catalog.labels, dtype=np.int64, count=len(catalog.labels))] = True
-    files.flags.writeable = labelled.flags.writeable = False
-    prepared = _Prepared(files, labelled)
+    labelled_files = files[labelled[files]]
+    files.flags.writeable = labelled.flags.writeable = labelled_files.flags.writeable = False
+    prepared = _Prepared(files, labelled, labelled_files, {})
     _prepared_for = (weakref.ref(catalog), prepared)
     return prepared
 
@@ -68,6 +72,35 @@ SMALL_EXCLUSION = 4096
 set); a wider one as the allowed ones (a bitmap over segment ids)."""
 
 
+def _selection(catalog: Catalog, file_ids: np.ndarray) -> tuple[int, np.ndarray | None, np.ndarray | None]:
+    """``(n_allowed, allowed, excluded)``: how many segments of ``file_ids`` there are, and
+    which segment ids to pass the search (``None``: no restriction of that kind).
+
+    Two O(segments) passes; a query without filters asks for all files and then all
+    labelled files, so those two selections are kept with the catalog (a third of a
+    millisecond per query at 100k segments)."""
+    prepared = _prepare(catalog)
+    key = "all" if file_ids is prepared.files else "labelled" if file_ids is prepared.labelled_files else None
+    if key in prepared.selections:
+        return prepared.selections[key]
+    file_ok = np.zeros(len(prepared.labelled), dtype=bool)
+    file_ids = np.asarray(file_ids, dtype=np.int64)
+    file_ok[file_ids[(file_ids >= 0) & (file_ids < len(file_ok))]] = True
+    segment_ok = file_ok[catalog.segment_files]  # O(segments), no sorting: fast at 1M
+    n_allowed = int(np.count_nonzero(segment_ok))
+    allowed = excluded = None
+    if 0 < n_allowed < len(segment_ok):
+        if len(segment_ok) - n_allowed <= SMALL_EXCLUSION:
+            excluded = catalog.segment_ids[~segment_ok]
+            excluded.flags.writeable = False
+        else:
+            allowed = catalog.segment_ids[segment_ok]
+            allowed.flags.writeable = False
+    if key is not None:
+        prepared.selections[key] = (n_allowed, allowed, excluded)
+    return n_allowed, allowed, excluded
+
+
 def nearest_files(store: Store, catalog: Catalog, vectors: np.ndarray, k: int,
                   file_ids: np.ndarray) -> list[tuple[int, float, float, float]]:
     """The ``k`` files nearest to any of the query's segment ``vectors`` ``(q, dim)``.
@@ -78,19 +111,9 @@ def nearest_files(store: Store, catalog: Catalog, vectors: np.ndarray, k: int,
     """
     if k <= 0 or len(file_ids) == 0 or len(catalog.segment_ids) == 0:
         return []
-    file_ok = np.zeros(len(_prepare(catalog).labelled), dtype=bool)
-    file_ids = np.asarray(file_ids, dtype=np.int64)
-    file_ok[file_ids[(file_ids >= 0) & (file_ids < len(file_ok))]] = True
-    segment_ok = file_ok[catalog.segment_files]  # O(segments), no sorting: fast at 1M
-    n_allowed = int(np.count_nonzero(segment_ok))
+    n_allowed, allowed, excluded = _selection(catalog, file_ids)
     if n_allowed == 0:
         return []
-    allowed = excluded = None
-    if n_allowed < len(segment_ok):
-        if len(segment_ok) - n_allowed <= SMALL_EXCLUSION:
-            excluded = catalog.segment_ids[~segment_ok]
-        else:
-            allowed = catalog.segment_ids[segment_ok]
     # Files own several segments; widen the segment search until k distinct files appear.
     n_segments = min(n_allowed, max(4 * k, k + 32))
     while True:
@@ -112,10 +135,14 @@ def nearest_files(store: Store, catalog: Catalog, vectors: np.ndarray, k: int,
 def categorise(store: Store, catalog: Catalog, vectors: np.ndarray, file_ids: np.ndarray, *, k: int,
                temperature: float, unknown_threshold: float) -> Category | None:
     """Vote among the ``k`` nearest *labelled* files (unlabelled ones never dilute the vote)."""
-    labelled_mask = _prepare(catalog).labelled
-    file_ids = np.asarray(file_ids, dtype=np.int64)
-    labelled = file_ids[labelled_mask[np.clip(file_ids, 0, len(labelled_mask) - 1)] & (file_ids >= 0)
-                        & (file_ids < len(labelled_mask))]
+    prepared = _prepare(catalog)
+    if file_ids is prepared.files:
+        labelled = prepared.labelled_files
+    else:
+        labelled_mask = prepared.labelled
+        file_ids = np.asarray(file_ids, dtype=np.int64)
+        labelled = file_ids[labelled_mask[np.clip(file_ids, 0, len(labelled_mask) - 1)] & (file_ids >= 0)
+                            & (file_ids < len(labelled_mask))]
     voters = nearest_files(store, catalog, vectors, k, labelled)
     return vote([score for _, score, _, _ in voters], [catalog.labels[f] for f, _, _, _ in voters],
                 temperature=temperature, unknown_threshold=unknown_threshold)

@@ -78,3 +78,15 @@ def test_unreadable_query_raises_or_is_collected(indexed, tmp_path):
 def test_empty_index_answers_unknown_with_no_neighbours(engine, fresh_clip):
     result = engine.query([fresh_clip("bell")], k=3)[0]
     assert result.category is None and result.neighbours == []
+
+
+def test_no_filter_answers_as_a_filter_that_keeps_everything(engine, library, fresh_clip):
+    """Unfiltered queries reuse the segment selections kept with the catalog; they must
+    answer exactly as a filter computed afresh for the same files (some files unlabelled)."""
+    engine.index([library], label_regex=r"^(bell|chirp)_")
+    for kind in ("bell", "hum"):
+        clip = fresh_clip(kind)
+        for _ in range(2):  # the second query is served from the kept selections
+            plain = engine.query([clip], k=6, unknown_threshold=0.0)[0]
+            everything = engine.query([clip], k=6, unknown_threshold=0.0, include=["*"])[0]
+            assert plain == everything and plain.category is not None
