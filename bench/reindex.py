@@ -9,7 +9,9 @@ name (so the command loads the default encoder, as it would), then times, as a n
 
 * ``simsearch index DIR --index IDX --quiet`` (nothing to do: every file is unchanged);
 * the baseline, same run: ``python -c "import torch"`` plus walking and stat-ing the tree
-  (what any re-index must at least do, given that the encoder is loaded).
+  (what a re-index that loads the encoder must at least do);
+* and walking and stat-ing alone (a re-index that finds nothing to embed loads no model,
+  so this is the floor it is compared with too).
 """
 
 from __future__ import annotations
@@ -82,17 +84,21 @@ def main() -> None:
         walk = (f"import os, torch; [os.stat(os.path.join(r, f)) for r, _, fs in "
                 f"os.walk({str(tmp / 'library')!r}) for f in fs]")
         baseline = [sys.executable, "-c", walk]
+        floor = [sys.executable, "-c", walk.replace("import os, torch;", "import os;")]
         _, out = wall(command)  # once to fill the page cache; it must find nothing to do
         assert f'"unchanged": {args.files}' in out and '"added": 0' in out, out
-        ours, theirs = [], []
+        ours, theirs, walks = [], [], []
         for _ in range(args.runs):
             theirs.append(wall(baseline)[0])
+            walks.append(wall(floor)[0])
             ours.append(wall(command)[0])
         report("re-index unchanged", {
             "files": args.files,
             "simsearch index (nothing changed)": f"median {statistics.median(ours):.2f} s (min {min(ours):.2f})",
             "baseline: import torch + walk + stat": f"median {statistics.median(theirs):.2f} s",
             "ratio (median)": f"{statistics.median(ours) / statistics.median(theirs):.2f}x",
+            "floor: python + walk + stat (no torch)": f"median {statistics.median(walks):.2f} s",
+            "ratio to the floor (median)": f"{statistics.median(ours) / statistics.median(walks):.2f}x",
         })
 
 
