@@ -328,9 +328,13 @@ def _print_evaluation(result: dict) -> None:
     if with_unknown:
         typer.echo("\nunknown rejection:")
         for name, u in with_unknown.items():
-            typer.echo(f"  {name:<14}AUROC {u['auroc']:.3f}  decision acc {u['decision_accuracy']:.3f} at "
-                       f"threshold {u['threshold']:.2f}  (best {u['best_threshold']:.2f}: "
-                       f"{u['decision_accuracy_at_best']:.3f})  open-set acc {u['open_set_accuracy']:.3f}")
+            if u["auroc"] is None:
+                typer.echo(f"  {name:<14}not measured (no known or no unknown queries)")
+                continue
+            typer.echo(f"  {name:<14}AUROC {u['auroc']:.3f}  at threshold {u['threshold']:.2f}: decision acc "
+                       f"{u['decision_accuracy']:.3f}, balanced {u['balanced_accuracy']:.3f}, open-set acc "
+                       f"{u['open_set_accuracy']:.3f}  (best balanced at {u['best_threshold']:.2f}: "
+                       f"{u['balanced_accuracy_at_best']:.3f})")
 
 
 def main() -> None:

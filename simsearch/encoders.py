@@ -91,10 +91,12 @@ class CNNEncoder:
     """
 
     name = "cnn"
+    version = "1"  # = cnn.MODEL_VERSION, declared here so an index can be checked without importing torch
     sample_rate = 16000
     unknown_threshold = 0.75
 
-    def __init__(self, model=None, *, name: str = "cnn", version: str | None = None):
+    def __init__(self, model=None, *, name: str = "cnn", version: str | None = None,
+                 unknown_threshold: float | None = None):
         from . import cnn
 
         self._cnn = cnn
@@ -103,6 +105,8 @@ class CNNEncoder:
         self.version = version or str(cnn.MODEL_VERSION)
         self.dim = int(cnn.EMBEDDING_DIM)
         self.sample_rate = int(cnn.SAMPLE_RATE)
+        if unknown_threshold is not None:
+            self.unknown_threshold = unknown_threshold
 
     def embed(self, waves: Sequence[np.ndarray]) -> np.ndarray:
         if not len(waves):

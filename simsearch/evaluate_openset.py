@@ -64,41 +64,76 @@ def unknown_rejection(vectors: np.ndarray, owner: np.ndarray, dataset: Dataset, 
                       vote_config: VoteConfig = VoteConfig()) -> dict:
     """How well the vote's "unknown" answer separates classes nobody labelled.
 
-    Each seeded repeat hides ``n_unknown`` whole classes from the references; queries from
-    the held-out fold are *known* (their class is labelled) or *unknown*. The score is the
-    one the vote thresholds: the winning label's best similarity. Reports AUROC, accuracy of
-    the known/unknown decision and open-set accuracy (known: right label and accepted;
-    unknown: rejected) at ``threshold``, and the threshold that maximises balanced accuracy.
+    Each seeded repeat hides ``n_unknown`` whole classes (:func:`hidden_classes`) from the
+    references; queries from the held-out fold are *known* (their class is labelled) or
+    *unknown*. The score is the one the vote thresholds: the winning label's best similarity.
+    See :func:`summarise_unknown` for what is reported.
     """
-    labels = np.array(dataset.labels)
-    classes = sorted(set(dataset.labels))
-    readable = np.unique(owner)
-    known_scores, unknown_scores, known_right = [], [], []
+    scores = UnknownScores()
     for repeat in range(repeats):
-        hidden = set(np.random.default_rng([seed, repeat]).choice(classes, size=n_unknown, replace=False))
+        hidden = hidden_classes(dataset, n_unknown, seed=seed, repeat=repeat)
         for fold in held_out:
-            queries = np.intersect1d(fold, readable)
-            refs = np.array([i for i in np.setdiff1d(readable, fold) if labels[i] not in hidden], dtype=np.int64)
-            similarity = file_similarity(vectors, owner, queries, refs)
-            k = min(vote_config.k, len(refs))
-            for q, row in zip(queries, similarity):
-                top = np.argsort(-row, kind="stable")[:k]
-                category = vote(row[top].tolist(), labels[refs[top]].tolist(), temperature=vote_config.temperature,
-                                unknown_threshold=-np.inf)
-                if labels[q] in hidden:
-                    unknown_scores.append(category.similarity)
-                else:
-                    known_scores.append(category.similarity)
-                    known_right.append(category.label == labels[q])
-    known, unknown, right = np.array(known_scores), np.array(unknown_scores), np.array(known_right)
+            scores.add(vectors, owner, dataset, fold, hidden, vote_config=vote_config)
+    return summarise_unknown(scores, threshold=threshold, n_unknown=n_unknown, repeats=repeats)
+
+
+def hidden_classes(dataset: Dataset, n_unknown: int, *, seed: int, repeat: int) -> set[str]:
+    """The ``n_unknown`` classes hidden in seeded repeat ``repeat``."""
+    classes = sorted(set(dataset.labels))
+    return set(np.random.default_rng([seed, repeat]).choice(classes, size=n_unknown, replace=False).tolist())
+
+
+class UnknownScores:
+    """Vote scores of known and unknown queries, collected fold by fold."""
+
+    def __init__(self):
+        self.known: list[float] = []
+        self.unknown: list[float] = []
+        self.known_right: list[bool] = []
+
+    def add(self, vectors: np.ndarray, owner: np.ndarray, dataset: Dataset, fold: np.ndarray, hidden: set[str], *,
+            vote_config: VoteConfig = VoteConfig()) -> None:
+        """Score the queries of ``fold`` against the other folds' files whose class is not ``hidden``."""
+        labels = np.array(dataset.labels)
+        readable = np.unique(owner)
+        queries = np.intersect1d(fold, readable)
+        refs = np.array([i for i in np.setdiff1d(readable, fold) if labels[i] not in hidden], dtype=np.int64)
+        if len(queries) == 0 or len(refs) == 0:
+            return
+        similarity = file_similarity(vectors, owner, queries, refs)
+        k = min(vote_config.k, len(refs))
+        for q, row in zip(queries, similarity):
+            top = np.argsort(-row, kind="stable")[:k]
+            category = vote(row[top].tolist(), labels[refs[top]].tolist(), temperature=vote_config.temperature,
+                            unknown_threshold=-np.inf)
+            if labels[q] in hidden:
+                self.unknown.append(category.similarity)
+            else:
+                self.known.append(category.similarity)
+                self.known_right.append(category.label == labels[q])
+
+
+def summarise_unknown(scores: UnknownScores, *, threshold: float, n_unknown: int, repeats: int) -> dict:
+    """AUROC (known vs unknown), accuracy of the known/unknown decision and open-set accuracy
+    (known: right label and accepted; unknown: rejected) at ``threshold``, and the threshold
+    that maximises balanced accuracy (what a default should be calibrated from)."""
+    known, unknown, right = np.array(scores.known), np.array(scores.unknown), np.array(scores.known_right, bool)
+    if len(known) == 0 or len(unknown) == 0:
+        return {"hidden_classes": n_unknown, "repeats": repeats, "auroc": None, "threshold": threshold}
     candidates = np.unique(np.concatenate([known, unknown]))
     balanced = [((known >= t).mean() + (unknown < t).mean()) / 2 for t in candidates]
     best = float(candidates[int(np.argmax(balanced))])
     return {"hidden_classes": n_unknown, "repeats": repeats, "auroc": auroc(known, unknown), "threshold": threshold,
             "decision_accuracy": _decision_accuracy(known, unknown, threshold),
+            "balanced_accuracy": _balanced_accuracy(known, unknown, threshold),
             "open_set_accuracy": float((np.sum(right & (known >= threshold)) + np.sum(unknown < threshold))
                                        / (len(known) + len(unknown))),
-            "best_threshold": best, "decision_accuracy_at_best": _decision_accuracy(known, unknown, best)}
+            "best_threshold": best, "decision_accuracy_at_best": _decision_accuracy(known, unknown, best),
+            "balanced_accuracy_at_best": _balanced_accuracy(known, unknown, best)}
+
+
+def _balanced_accuracy(known: np.ndarray, unknown: np.ndarray, threshold: float) -> float:
+    return float(((known >= threshold).mean() + (unknown < threshold).mean()) / 2)
 
 
 def _decision_accuracy(known: np.ndarray, unknown: np.ndarray, threshold: float) -> float:

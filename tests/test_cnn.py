@@ -116,3 +116,9 @@ def test_sounds_apart_and_robust_to_gain_and_noise(model):
     # pure gain changes nothing beyond float noise (peak normalisation + per-clip standardisation)
     g = cnn.embed_waveforms(model, [3.0 * x for x in clean])
     assert np.abs(g - a).max() < 1e-4
+
+
+def test_the_encoder_declares_the_shipped_model_version_without_importing_torch():
+    from simsearch.encoders import CNNEncoder
+
+    assert CNNEncoder.version == str(cnn.MODEL_VERSION) == CNNEncoder().version

@@ -70,3 +70,17 @@ def test_cli_json_and_plot(grouped, tmp_path):
     data = json.loads(result.stdout)
     assert data["strategies"]["features"]["top1"] >= 0.75
     assert out.stat().st_size > 10_000 and (tmp_path / "confusion-fewshot.png").stat().st_size > 10_000
+
+
+def test_adapted_strategy_reports_unknown_rejection_from_models_that_never_saw_the_hidden_classes(grouped):
+    from simsearch.adapt import AdaptConfig
+
+    result = evaluate([grouped], encoders=[], label_regex=r"^([a-z]+)_", group_regex=r"^[a-z]+_([a-z]+)_",
+                      unknown=1, adapt=True, adapt_config=AdaptConfig(epochs=1, batch_size=8))
+    adapted = result["strategies"]["cnn+adapt"]
+    assert len(adapted["folds"]) == 3 and adapted["top1"] >= 0.75
+    # one closed-set model and one without the hidden class per fold
+    assert len(adapted["train_seconds_per_fold"]) == 3 and len(adapted["unknown"]["train_seconds_per_fold"]) == 3
+    unknown = adapted["unknown"]
+    assert 0.0 <= unknown["auroc"] <= 1.0 and unknown["threshold"] > 0
+    assert 0.0 <= unknown["open_set_accuracy"] <= 1.0
