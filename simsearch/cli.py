@@ -331,7 +331,8 @@ def _print_evaluation(result: dict) -> None:
             if u["auroc"] is None:
                 typer.echo(f"  {name:<14}not measured (no known or no unknown queries)")
                 continue
-            typer.echo(f"  {name:<14}AUROC {u['auroc']:.3f}  at threshold {u['threshold']:.2f}: decision acc "
+            typer.echo(f"  {name:<14}AUROC {u['auroc']:.3f} (mean per round {u['auroc_per_round']:.3f})  "
+                       f"at threshold {u['threshold']:.2f}: decision acc "
                        f"{u['decision_accuracy']:.3f}, balanced {u['balanced_accuracy']:.3f}, open-set acc "
                        f"{u['open_set_accuracy']:.3f}  (best balanced at {u['best_threshold']:.2f}: "
                        f"{u['balanced_accuracy_at_best']:.3f})")

@@ -90,6 +90,7 @@ class UnknownScores:
         self.known: list[float] = []
         self.unknown: list[float] = []
         self.known_right: list[bool] = []
+        self.rounds: list[tuple[list[float], list[float]]] = []  # (known, unknown) of each add()
 
     def add(self, vectors: np.ndarray, owner: np.ndarray, dataset: Dataset, fold: np.ndarray, hidden: set[str], *,
             vote_config: VoteConfig = VoteConfig()) -> None:
@@ -102,6 +103,7 @@ class UnknownScores:
             return
         similarity = file_similarity(vectors, owner, queries, refs)
         k = min(vote_config.k, len(refs))
+        n_known, n_unknown = len(self.known), len(self.unknown)
         for q, row in zip(queries, similarity):
             top = np.argsort(-row, kind="stable")[:k]
             category = vote(row[top].tolist(), labels[refs[top]].tolist(), temperature=vote_config.temperature,
@@ -111,19 +113,26 @@ class UnknownScores:
             else:
                 self.known.append(category.similarity)
                 self.known_right.append(category.label == labels[q])
+        self.rounds.append((self.known[n_known:], self.unknown[n_unknown:]))
 
 
 def summarise_unknown(scores: UnknownScores, *, threshold: float, n_unknown: int, repeats: int) -> dict:
     """AUROC (known vs unknown), accuracy of the known/unknown decision and open-set accuracy
     (known: right label and accepted; unknown: rejected) at ``threshold``, and the threshold
-    that maximises balanced accuracy (what a default should be calibrated from)."""
+    that maximises balanced accuracy (what a default should be calibrated from).
+
+    ``auroc`` pools every round's scores, as one fixed threshold must serve them all;
+    ``auroc_per_round`` is the mean over rounds (one held-out group, one set of references
+    and, with adaptation, one model each) — what a single library sees."""
     known, unknown, right = np.array(scores.known), np.array(scores.unknown), np.array(scores.known_right, bool)
     if len(known) == 0 or len(unknown) == 0:
         return {"hidden_classes": n_unknown, "repeats": repeats, "auroc": None, "threshold": threshold}
     candidates = np.unique(np.concatenate([known, unknown]))
     balanced = [((known >= t).mean() + (unknown < t).mean()) / 2 for t in candidates]
     best = float(candidates[int(np.argmax(balanced))])
-    return {"hidden_classes": n_unknown, "repeats": repeats, "auroc": auroc(known, unknown), "threshold": threshold,
+    per_round = [auroc(np.array(k), np.array(u)) for k, u in scores.rounds if k and u]
+    return {"hidden_classes": n_unknown, "repeats": repeats, "auroc": auroc(known, unknown),
+            "auroc_per_round": float(np.mean(per_round)) if per_round else None, "threshold": threshold,
             "decision_accuracy": _decision_accuracy(known, unknown, threshold),
             "balanced_accuracy": _balanced_accuracy(known, unknown, threshold),
             "open_set_accuracy": float((np.sum(right & (known >= threshold)) + np.sum(unknown < threshold))

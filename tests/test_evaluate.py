@@ -82,5 +82,5 @@ def test_adapted_strategy_reports_unknown_rejection_from_models_that_never_saw_t
     # one closed-set model and one without the hidden class per fold
     assert len(adapted["train_seconds_per_fold"]) == 3 and len(adapted["unknown"]["train_seconds_per_fold"]) == 3
     unknown = adapted["unknown"]
-    assert 0.0 <= unknown["auroc"] <= 1.0 and unknown["threshold"] > 0
+    assert 0.0 <= unknown["auroc"] <= 1.0 and 0.0 <= unknown["auroc_per_round"] <= 1.0 and unknown["threshold"] > 0
     assert 0.0 <= unknown["open_set_accuracy"] <= 1.0
