@@ -297,5 +297,6 @@ def train_index(engine, *, config: AdaptConfig = AdaptConfig(), progress=None) -
                              f"{report.failed[0][0]}: {report.failed[0][1]}); nothing was switched — run "
                              f"`simsearch index DIR --prune` first")
     return {"encoder": f"{ADAPTED_NAME}-v{version}", "labels": counts, "trained_on": len(waves),
-            "epochs": config.epochs, "seed": config.seed, "reembedded": len(report.added),
+            "epochs": config.epochs, "seed": config.seed, "augmentation": config.augmentation,
+            "reembedded": len(report.added),
             "failed": failed}

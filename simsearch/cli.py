@@ -7,6 +7,7 @@ index could not be used, 2 usage error.
 from __future__ import annotations
 
 import contextlib
+import enum
 import gc
 import json
 import sys
@@ -199,15 +200,27 @@ def reembed(encoder: str = typer.Option(..., "--encoder", help="Encoder to re-em
     raise typer.Exit(_report_failures(report.failed))
 
 
+class Augmentation(str, enum.Enum):
+    light = "light"
+    full = "full"
+
+
+AugmentOpt = typer.Option(Augmentation.light, "--augment",
+                          help="light: crops with speed/pitch jitter; full: also noise, reverb, mixing, "
+                               "band-limiting, SpecAugment (for recordings that vary more than your labels show).")
+
+
 @app.command()
 def train(epochs: int = typer.Option(6, "--epochs", min=1, help="Passes over the labelled clips."),
           seed: int = typer.Option(0, "--seed", help="Same seed, same labels: the same adapted model."),
+          augment: Augmentation = AugmentOpt,
           index: Optional[Path] = IndexOpt, quiet: bool = QuietOpt, as_json: bool = JsonOpt):
     """Adapt the CNN to this index's labels, re-embed everything, switch atomically when done."""
     from .adapt import AdaptConfig
 
     with _engine(index) as engine, _staged_progress(not (quiet or as_json)) as progress:
-        summary = engine.train(config=AdaptConfig(epochs=epochs, seed=seed), progress=progress)
+        config = AdaptConfig(epochs=epochs, seed=seed, augmentation=augment.value)
+        summary = engine.train(config=config, progress=progress)
     if as_json:
         typer.echo(json.dumps(summary))
     elif not quiet:
@@ -268,6 +281,7 @@ def evaluate(paths: list[Path] = typer.Argument(..., help="A labelled library (f
              repeats: int = typer.Option(5, "--repeats", min=1, help="Seeded repeats for --shots and --unknown."),
              adapt: bool = typer.Option(False, "--adapt", help="Also adapt the CNN inside each fold (its labelled part only)."),
              epochs: int = typer.Option(6, "--epochs", min=1, help="Adaptation epochs for --adapt."),
+             augment: Augmentation = AugmentOpt,
              plot: Optional[Path] = typer.Option(None, "--plot", help="Write confusion matrices to this PNG "
                                                                       "(and the few-shot curve to NAME-fewshot.png)."),
              quiet: bool = QuietOpt, as_json: bool = JsonOpt):
@@ -283,7 +297,8 @@ def evaluate(paths: list[Path] = typer.Argument(..., help="A labelled library (f
                                          label_regex=label_regex, label_from_folders=label_from_folders,
                                          group_regex=group_regex, folds=folds, seed=seed, vote_config=VoteConfig(k=k),
                                          shots=[int(n) for n in shots.split(",")] if shots else (), unknown=unknown,
-                                         repeats=repeats, adapt=adapt, adapt_config=AdaptConfig(epochs=epochs, seed=seed),
+                                         repeats=repeats, adapt=adapt,
+                                         adapt_config=AdaptConfig(epochs=epochs, seed=seed, augmentation=augment.value),
                                          progress=progress)
     except SimsearchError as e:
         _err(f"Error: {e}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -76,3 +77,19 @@ def test_sigkill_during_train_leaves_the_previous_model_working(cnn_index, libra
         with Engine(cnn_index) as engine:
             assert engine.query([library / "bell" / "bell_0.wav"], k=3)[0].neighbours
     assert not os.path.exists(cnn_index / "lock") or True  # a stale lock file is harmless: flock died with the process
+
+
+def test_train_from_the_command_line_with_a_choice_of_augmentation(cnn_index):
+    from typer.testing import CliRunner
+
+    from simsearch.cli import app
+
+    runner = CliRunner()
+    wrong = runner.invoke(app, ["train", "--index", str(cnn_index), "--augment", "heavy"])
+    assert wrong.exit_code == 2 and "heavy" in wrong.output
+    with Engine(cnn_index) as engine:
+        assert engine.info()["encoder"] == "cnn-v1"  # a refused command changed nothing
+    done = runner.invoke(app, ["train", "--index", str(cnn_index), "--epochs", "1", "--augment", "full", "--json"])
+    assert done.exit_code == 0, done.output
+    summary = json.loads(done.output)
+    assert summary["epochs"] == 1 and summary["augmentation"] == "full" and summary["encoder"].startswith("cnn+adapt-v")
