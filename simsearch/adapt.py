@@ -175,11 +175,17 @@ def evaluate_adapted(dataset, held_out: list[np.ndarray], *, config: AdaptConfig
     folds, truth, voted, seconds, open_set_seconds, failures = [], [], [], [], [], []
     open_set = UnknownScores()
 
+    embed_seconds = 0.0
+
     def adapted_vectors(train: list[int], timings: list[float]):
+        nonlocal embed_seconds
         started = time.perf_counter()
         model = adapt_model(base, [waves[i] for i in train], labels[train].tolist(), config=config)
         timings.append(round(time.perf_counter() - started, 1))
-        return embed_files(CNNEncoder(model, name=ADAPTED_NAME), dataset.paths)
+        started = time.perf_counter()
+        embedded = embed_files(CNNEncoder(model, name=ADAPTED_NAME), dataset.paths)
+        embed_seconds += time.perf_counter() - started
+        return embedded
 
     for n, fold in enumerate(held_out):
         train = [i for i in sorted(waves) if i not in set(fold.tolist())]
@@ -199,7 +205,7 @@ def evaluate_adapted(dataset, held_out: list[np.ndarray], *, config: AdaptConfig
     total = sum(f["files"] for f in folds)
     per_class = class_report(truth, voted)
     result = {"encoder": f"cnn-v{cnn.MODEL_VERSION}+adapt", "train_seconds_per_fold": seconds,
-              "embed_seconds": float(sum(seconds)),
+              "embed_seconds": round(embed_seconds, 2),
               "top1": sum(f["top1"] * f["files"] for f in folds) / total if total else 0.0,
               "vote": sum(f["vote"] * f["files"] for f in folds) / total if total else 0.0,
               "macro_f1": float(np.mean([c["f1"] for c in per_class.values()])) if per_class else 0.0,
