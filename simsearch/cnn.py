@@ -316,8 +316,7 @@ def embed_waveforms(model: AudioCNN, waves: Sequence[np.ndarray], batch_frames: 
     batch_frames : int
         Upper bound on padded frames per internal batch (a speed and memory knob:
         batches whose activations fit the CPU's caches run about twice as fast as
-        large ones;
-        results do not depend on it beyond ~1e-7 float noise).
+        large ones; results do not depend on it beyond ~1e-7 float noise).
 
     Returns
     -------

@@ -87,10 +87,16 @@ class UnknownScores:
     """Vote scores of known and unknown queries, collected fold by fold."""
 
     def __init__(self):
-        self.known: list[float] = []
-        self.unknown: list[float] = []
-        self.known_right: list[bool] = []
-        self.rounds: list[tuple[list[float], list[float]]] = []  # (known, unknown) of each add()
+        self.rounds: list[tuple[list[float], list[float]]] = []  # (known, unknown) scores of each add()
+        self.known_right: list[bool] = []  # per known query, pooled in order
+
+    @property
+    def known(self) -> list[float]:
+        return [score for known, _ in self.rounds for score in known]
+
+    @property
+    def unknown(self) -> list[float]:
+        return [score for _, unknown in self.rounds for score in unknown]
 
     def add(self, vectors: np.ndarray, owner: np.ndarray, dataset: Dataset, fold: np.ndarray, hidden: set[str], *,
             vote_config: VoteConfig = VoteConfig()) -> None:
@@ -103,17 +109,17 @@ class UnknownScores:
             return
         similarity = file_similarity(vectors, owner, queries, refs)
         k = min(vote_config.k, len(refs))
-        n_known, n_unknown = len(self.known), len(self.unknown)
+        known, unknown = [], []
         for q, row in zip(queries, similarity):
             top = np.argsort(-row, kind="stable")[:k]
             category = vote(row[top].tolist(), labels[refs[top]].tolist(), temperature=vote_config.temperature,
                             unknown_threshold=-np.inf)
             if labels[q] in hidden:
-                self.unknown.append(category.similarity)
+                unknown.append(category.similarity)
             else:
-                self.known.append(category.similarity)
+                known.append(category.similarity)
                 self.known_right.append(category.label == labels[q])
-        self.rounds.append((self.known[n_known:], self.unknown[n_unknown:]))
+        self.rounds.append((known, unknown))
 
 
 def summarise_unknown(scores: UnknownScores, *, threshold: float, n_unknown: int, repeats: int) -> dict:
@@ -128,7 +134,7 @@ def summarise_unknown(scores: UnknownScores, *, threshold: float, n_unknown: int
     if len(known) == 0 or len(unknown) == 0:
         return {"hidden_classes": n_unknown, "repeats": repeats, "auroc": None, "threshold": threshold}
     candidates = np.unique(np.concatenate([known, unknown]))
-    balanced = [((known >= t).mean() + (unknown < t).mean()) / 2 for t in candidates]
+    balanced = [_balanced_accuracy(known, unknown, t) for t in candidates]
     best = float(candidates[int(np.argmax(balanced))])
     per_round = [auroc(np.array(k), np.array(u)) for k, u in scores.rounds if k and u]
     return {"hidden_classes": n_unknown, "repeats": repeats, "auroc": auroc(known, unknown),
