@@ -88,27 +88,27 @@ memory and commits stay one per batch."""
 
 def batches(jobs: list[Job], max_files: int, max_bytes: int = BATCH_BYTES) -> list[list[Job]]:
     """``jobs`` in order, cut into batches of at most ``max_files`` files and about ``max_bytes``."""
-    out, current, size = [], [], 0
-    for job in jobs:
-        if current and (len(current) >= max_files or size + job.stat.st_size > max_bytes):
-            out.append(current)
-            current, size = [], 0
-        current.append(job)
-        size += job.stat.st_size
-    return out + [current] if current else out
+    return _cut(jobs, files=lambda job: 1, size=lambda job: job.stat.st_size, max_files=max_files, max_bytes=max_bytes)
 
 
 def groups(work: list[list[Job]], max_files: int = GROUP_FILES, max_bytes: int = GROUP_BYTES) -> list[list[list[Job]]]:
     """Consecutive batches of ``work`` gathered into groups of about ``max_files`` files and
     ``max_bytes`` (a batch is never split)."""
-    out, current, files, size = [], [], 0, 0
-    for batch in work:
-        batch_size = sum(job.stat.st_size for job in batch)
-        if current and (files + len(batch) > max_files or size + batch_size > max_bytes):
+    return _cut(work, files=len, size=lambda batch: sum(job.stat.st_size for job in batch), max_files=max_files,
+                max_bytes=max_bytes)
+
+
+def _cut(items: list, *, files: Callable, size: Callable, max_files: int, max_bytes: int) -> list[list]:
+    """``items`` in order, cut where the next item would take a chunk past ``max_files`` files
+    or ``max_bytes`` (a chunk always takes at least one item)."""
+    out, current, n_files, n_bytes = [], [], 0, 0
+    for item in items:
+        item_files, item_bytes = files(item), size(item)
+        if current and (n_files + item_files > max_files or n_bytes + item_bytes > max_bytes):
             out.append(current)
-            current, files, size = [], 0, 0
-        current.append(batch)
-        files, size = files + len(batch), size + batch_size
+            current, n_files, n_bytes = [], 0, 0
+        current.append(item)
+        n_files, n_bytes = n_files + item_files, n_bytes + item_bytes
     return out + [current] if current else out
 
 
