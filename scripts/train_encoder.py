@@ -1,9 +1,14 @@
 """Train the default CNN encoder (simsearch/cnn.py) from the corpus manifest.
 
-Recipe (CPU, 2 threads, ~60-75 min incl. the ~1 min mel cache):
+Recipe (CPU, 2 threads; see simsearch/weights/MODEL_CARD.md for the figures):
 
+    # cnn-v1: 7 epochs from random init, ~60-75 min incl. the ~1 min mel cache
     .venv/bin/python scripts/train_encoder.py --corpus ~/.cache/simsearch/corpus \
         --out simsearch/weights/cnn-v1.pt --max-minutes 85
+    # cnn-v2 (the default): 6 more epochs from cnn-v1, a warm restart of the schedule
+    .venv/bin/python scripts/train_encoder.py --corpus ~/.cache/simsearch/corpus \
+        --init simsearch/weights/cnn-v1.pt --epochs 6 --lr 2e-3 \
+        --out simsearch/weights/cnn-v2.pt --max-minutes 70
 
 1. Reads ``<corpus>/manifest.jsonl`` and caches every clip's log-mel once
    (``simsearch.cnn.preprocess`` + ``simsearch.cnn.log_mel``, float16 memmap under
@@ -180,6 +185,9 @@ def main():
                     help="hash seed of the group hold-out (4: en-gb-x-rp, cy, da, ro voices; GM ethnic+reed;"
                          " freedroidrpg + redeclipse; fixed before any training)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--init", type=Path, default=None,
+                    help="start from these weights (a state_dict of AudioCNN) instead of random init;"
+                         " the schedule restarts (warm restart)")
     args = ap.parse_args()
     t_start = time.time()
     torch.set_num_threads(args.threads)
@@ -218,7 +226,11 @@ def main():
         j = same[rng.integers(len(same) - 1)]
         return j if j != i else same[-1]
 
-    model = cnn.AudioCNN().to(memory_format=torch.channels_last)
+    model = cnn.AudioCNN()
+    if args.init is not None:
+        model.load_state_dict(torch.load(args.init, weights_only=True))
+        log(f"initialised from {args.init}")
+    model = model.to(memory_format=torch.channels_last)
     head = AMSoftmax(cnn.EMBEDDING_DIM, len(classes), args.scale, args.margin)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"AudioCNN {n_params} parameters")
@@ -270,7 +282,7 @@ def main():
             log("time budget reached, stopping")
             break
     log(f"best val macro {best:.4f}; total {(time.time() - t_start) / 60:.1f} min; weights -> {args.out}")
-    (args.corpus / "_cache" / "train_log.json").write_text(json.dumps(
+    (args.corpus / "_cache" / f"train_log-{args.out.stem}.json").write_text(json.dumps(
         {"args": {k: str(v) for k, v in vars(args).items()}, "n_params": n_params, "n_train": len(tr_ids),
              "n_classes": len(classes), "val_groups": val_groups, "n_val": len(val_ids), "history": history,
              "total_min": (time.time() - t_start) / 60}, indent=1))
