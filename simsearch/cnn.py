@@ -30,8 +30,10 @@ LOG_EPS = 1e-6  #: floor added to mel power before the natural log.
 EMBEDDING_DIM = 128  #: size of the output embedding.
 CHANNELS = (16, 48, 96, 192)  #: conv widths of the four blocks.
 MODEL_NAME = "cnn"
-MODEL_VERSION = "1"
-WEIGHTS_FILE = "cnn-v1.pt"
+MODEL_VERSION = "2"
+SHIPPED_VERSIONS = ("1", "2")
+"""Versions whose weights ship (``weights/cnn-v<version>.pt``): an index built with an earlier
+one keeps using it until ``simsearch reembed --encoder cnn``. Same architecture and front end."""
 
 TRIM_TOP_DB = 40.0  #: frames quieter than (loudest frame - this) are trimmed at the ends.
 TRIM_MARGIN = 2 * HOP_LENGTH  #: samples of context kept either side of the trimmed region.
@@ -227,9 +229,11 @@ class AudioCNN(nn.Module):
 
 
 @functools.lru_cache(maxsize=1)
-def load_default() -> AudioCNN:
-    """Return the shipped encoder (``simsearch/weights/cnn-v1.pt``), eval mode, cached."""
-    ref = importlib.resources.files("simsearch") / "weights" / WEIGHTS_FILE
+def load_default(*, version: str = MODEL_VERSION) -> AudioCNN:
+    """Return the shipped encoder (``simsearch/weights/cnn-v<version>.pt``) in eval mode."""
+    if version not in SHIPPED_VERSIONS:
+        raise ValueError(f"no shipped cnn version {version!r}; this release has {', '.join(SHIPPED_VERSIONS)}")
+    ref = importlib.resources.files("simsearch") / "weights" / f"cnn-v{version}.pt"
     with importlib.resources.as_file(ref) as path:
         state = torch.load(path, map_location="cpu", weights_only=True)
     model = AudioCNN()

@@ -18,7 +18,7 @@ from . import audio, indexer, search
 from .indexer import IndexReport, Progress
 from .config import EngineConfig, default_index_dir
 from .adapt import ADAPTED_NAME, AdaptConfig, load_adapted
-from .encoders import ENCODERS, Encoder, get_encoder
+from .encoders import ENCODERS, Encoder, buildable_versions, get_encoder
 from .errors import AudioReadError, UsageError
 from .store import Catalog, Store
 from .vote import Category
@@ -83,8 +83,8 @@ class Engine:
             name = self._encoder_name or (recorded[0] if recorded else self.config.encoder)
             if recorded and name == recorded[0] == ADAPTED_NAME:
                 encoder = load_adapted(self.store.directory, recorded[1])  # made by `simsearch train`
-            else:
-                encoder = get_encoder(name)
+            else:  # an index made by an earlier release keeps its model while this one still ships it
+                encoder = get_encoder(name, version=recorded[1] if recorded and recorded[0] == name else None)
             self.store.claim_encoder(encoder.name, encoder.version, encoder.dim)
             self._encoder = encoder
         return self._encoder
@@ -107,6 +107,8 @@ class Engine:
         if factory is None:
             get_encoder(name)  # raises the usual UsageError
         version = getattr(factory, "version", None)
+        if name == recorded[0] and recorded[1] in buildable_versions(name):
+            version = recorded[1]
         self.store.claim_encoder(name, version if isinstance(version, str) else recorded[1], recorded[2])
 
     def embed(self, samples: np.ndarray, *, encoder: Encoder | None = None) -> tuple[list[tuple[float, float]], np.ndarray]:

@@ -122,3 +122,4 @@ def test_the_encoder_declares_the_shipped_model_version_without_importing_torch(
     from simsearch.encoders import CNNEncoder
 
     assert CNNEncoder.version == str(cnn.MODEL_VERSION) == CNNEncoder().version
+    assert CNNEncoder.versions == cnn.SHIPPED_VERSIONS and cnn.MODEL_VERSION in cnn.SHIPPED_VERSIONS

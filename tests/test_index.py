@@ -10,7 +10,7 @@ import pytest
 
 from simsearch import Engine
 from conftest import write_wav
-from simsearch import synth
+from simsearch import audio, synth
 
 
 def test_index_folder_recursively_with_folder_labels(engine, library):
@@ -131,3 +131,32 @@ def test_reindex_with_another_encoder_version_fails_before_anything_is_done(tmp_
         engine.index([library], prune=True)
     with Engine(tmp_path / "idx") as engine:
         assert engine.info()["files"] == 16  # nothing pruned
+
+
+def test_an_index_made_with_an_earlier_cnn_keeps_it_until_reembedded(tmp_path, library, fresh_clip):
+    from simsearch import cnn
+    from simsearch.encoders import CNNEncoder
+
+    earlier = cnn.SHIPPED_VERSIONS[0]
+    assert earlier != cnn.MODEL_VERSION
+    with Engine(tmp_path / "idx", encoder="cnn") as engine:
+        engine.index([library])
+        engine.reembed(CNNEncoder(version=earlier))  # as if an earlier release had built it
+    query = fresh_clip("chirp")
+    old_model = cnn.load_default(version=earlier)
+    with Engine(tmp_path / "idx") as engine:  # a new session of this release
+        assert engine.info()["encoder"] == f"cnn-v{earlier}"
+        assert len(engine.index([library]).unchanged) == 16  # re-index: nothing to do, no error
+        assert engine.encoder.version == earlier
+        samples = audio.load(query, sample_rate=16000).samples
+        vector = engine.embed(samples)[1][0]
+        by_model = {v: cnn.embed_waveforms(m, [samples])[0] for v, m in
+                    ((earlier, old_model), (cnn.MODEL_VERSION, cnn.load_default()))}
+        by_model = {v: x / np.linalg.norm(x) for v, x in by_model.items()}
+        assert np.abs(vector - by_model[earlier]).max() < 1e-5
+        assert np.abs(vector - by_model[cnn.MODEL_VERSION]).max() > 1e-2
+        engine.index([fresh_clip("hum", seed=5)])  # new files get the earlier model's vectors too
+        assert engine.info()["encoder"] == f"cnn-v{earlier}"
+        engine.reembed("cnn")  # the upgrade
+    with Engine(tmp_path / "idx") as engine:
+        assert engine.info()["encoder"] == f"cnn-v{cnn.MODEL_VERSION}" and engine.info()["files"] == 17

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from simsearch import Engine
+from simsearch import Engine, cnn
 from simsearch.adapt import AdaptConfig
 
 
@@ -88,7 +88,7 @@ def test_train_from_the_command_line_with_a_choice_of_augmentation(cnn_index):
     wrong = runner.invoke(app, ["train", "--index", str(cnn_index), "--augment", "heavy"])
     assert wrong.exit_code == 2 and "heavy" in wrong.output
     with Engine(cnn_index) as engine:
-        assert engine.info()["encoder"] == "cnn-v1"  # a refused command changed nothing
+        assert engine.info()["encoder"] == f"cnn-v{cnn.MODEL_VERSION}"  # a refused command changed nothing
     done = runner.invoke(app, ["train", "--index", str(cnn_index), "--epochs", "1", "--augment", "full", "--json"])
     assert done.exit_code == 0, done.output
     summary = json.loads(done.output)
