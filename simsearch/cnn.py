@@ -228,9 +228,9 @@ class AudioCNN(nn.Module):
         return F.normalize(self.proj(torch.cat([mean, peak], 1)), dim=1)
 
 
-@functools.lru_cache(maxsize=1)
+@functools.lru_cache(maxsize=None)  # one model per shipped version, shared
 def load_default(*, version: str = MODEL_VERSION) -> AudioCNN:
-    """Return the shipped encoder (``simsearch/weights/cnn-v<version>.pt``) in eval mode."""
+    """Return the shipped encoder (``simsearch/weights/cnn-v<version>.pt``), eval mode, cached."""
     if version not in SHIPPED_VERSIONS:
         raise ValueError(f"no shipped cnn version {version!r}; this release has {', '.join(SHIPPED_VERSIONS)}")
     ref = importlib.resources.files("simsearch") / "weights" / f"cnn-v{version}.pt"

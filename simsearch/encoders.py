@@ -11,8 +11,9 @@ An encoder is any object with ``name``, ``version``, ``dim``, ``sample_rate``,
     standardised with fixed statistics of the same pre-training corpus.
 
 Every index records ``name`` and ``version`` and refuses vectors from any other. An encoder
-class may list in ``versions`` older versions it can still build, so an index made by an
-earlier release keeps working with that release's model until ``simsearch reembed`` moves it.
+class may list in ``versions`` older versions it can still build (its constructor then takes
+``version=``), so an index made by an earlier release keeps working with that release's model
+until ``simsearch reembed`` moves it.
 """
 
 from __future__ import annotations
@@ -142,5 +143,7 @@ def get_encoder(name: str, *, version: str | None = None) -> Encoder:
 def buildable_versions(name: str) -> tuple[str, ...]:
     """The versions of encoder ``name`` this release can build (without building any)."""
     factory = ENCODERS.get(name)
-    return tuple(getattr(factory, "versions", ())) or ((factory.version,) if factory is not None
-                                                        and isinstance(getattr(factory, "version", None), str) else ())
+    if getattr(factory, "versions", None):
+        return tuple(factory.versions)
+    version = getattr(factory, "version", None)
+    return (version,) if isinstance(version, str) else ()
