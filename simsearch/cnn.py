@@ -48,7 +48,8 @@ def preprocess(wave: np.ndarray) -> np.ndarray:
     Parameters
     ----------
     wave : np.ndarray, shape (N,)
-        Mono audio at :data:`SAMPLE_RATE`, any scale, N >= 1 samples.
+        Mono audio at :data:`SAMPLE_RATE`, any scale, N >= 1 samples. NaN and infinite
+        samples count as silence (files with them are refused earlier, by ``audio.load``).
 
     Returns
     -------
@@ -59,7 +60,7 @@ def preprocess(wave: np.ndarray) -> np.ndarray:
     """
     x = np.asarray(wave, dtype=np.float64).reshape(-1)
     if not np.isfinite(x).all():  # the check is ~5x cheaper than nan_to_num on every clip
-        x = np.nan_to_num(x)
+        x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)  # broken samples count as silence
     if x.size >= N_FFT:
         x = x - x.mean()  # DC offset would fool the trimmer and the peak
         n_frames = 1 + (x.size - N_FFT) // HOP_LENGTH
