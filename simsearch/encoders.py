@@ -107,9 +107,9 @@ class CNNEncoder:
         from . import cnn
 
         self._cnn = cnn
-        self._model = model if model is not None else cnn.load_default(version=version or cnn.MODEL_VERSION)
         self.name = name
         self.version = version or str(cnn.MODEL_VERSION)
+        self._model = model if model is not None else cnn.load_default(version=self.version)
         self.dim = int(cnn.EMBEDDING_DIM)
         self.sample_rate = int(cnn.SAMPLE_RATE)
         if unknown_threshold is not None:
@@ -135,9 +135,18 @@ def get_encoder(name: str, *, version: str | None = None) -> Encoder:
         factory = ENCODERS[name]
     except KeyError:
         raise UsageError(f"unknown encoder {name!r}; choose one of: {', '.join(sorted(ENCODERS))}") from None
-    if version is not None and version != getattr(factory, "version", None) and version in buildable_versions(name):
-        return factory(version=version)
-    return factory()
+    wanted = version_to_build(name, version)
+    return factory() if wanted == version_to_build(name) else factory(version=wanted)
+
+
+def version_to_build(name: str, version: str | None = None) -> str | None:
+    """The version :func:`get_encoder` builds for ``name`` and ``version``, without building
+    it: ``version`` when this release can still build it, else the current one (``None`` when
+    the encoder class does not declare it)."""
+    if version is not None and version in buildable_versions(name):
+        return version
+    current = getattr(ENCODERS.get(name), "version", None)
+    return current if isinstance(current, str) else None
 
 
 def buildable_versions(name: str) -> tuple[str, ...]:

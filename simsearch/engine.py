@@ -18,7 +18,7 @@ from . import audio, indexer, search
 from .indexer import IndexReport, Progress
 from .config import EngineConfig, default_index_dir
 from .adapt import ADAPTED_NAME, AdaptConfig, load_adapted
-from .encoders import ENCODERS, Encoder, buildable_versions, get_encoder
+from .encoders import ENCODERS, Encoder, get_encoder, version_to_build
 from .errors import AudioReadError, UsageError
 from .store import Catalog, Store
 from .vote import Category
@@ -103,13 +103,10 @@ class Engine:
         name = self._encoder_name or recorded[0]
         if name == recorded[0] == ADAPTED_NAME:
             return  # its version is the checksum of the model file it was recorded with
-        factory = ENCODERS.get(name)
-        if factory is None:
+        if name not in ENCODERS:
             get_encoder(name)  # raises the usual UsageError
-        version = getattr(factory, "version", None)
-        if name == recorded[0] and recorded[1] in buildable_versions(name):
-            version = recorded[1]
-        self.store.claim_encoder(name, version if isinstance(version, str) else recorded[1], recorded[2])
+        version = version_to_build(name, recorded[1] if name == recorded[0] else None)
+        self.store.claim_encoder(name, version if version is not None else recorded[1], recorded[2])
 
     def embed(self, samples: np.ndarray, *, encoder: Encoder | None = None) -> tuple[list[tuple[float, float]], np.ndarray]:
         """Cut a decoded signal (at the encoder's rate) into segments and embed them.
