@@ -12,8 +12,9 @@ import time
 import numpy as np
 import pytest
 
-from simsearch import Engine, cnn
-from simsearch.adapt import AdaptConfig
+from simsearch import CorruptIndexError, Engine, cnn
+from simsearch.adapt import (ADAPTED_UNKNOWN_THRESHOLD, LEGACY_ADAPTED_UNKNOWN_THRESHOLD, AdaptConfig,
+                             adapted_recipe_path)
 
 
 @pytest.fixture
@@ -45,6 +46,23 @@ def test_same_seed_same_model(cnn_index, tmp_path):
         with Engine(index) as engine:
             versions.append(engine.train(config=AdaptConfig(epochs=1, seed=3))["encoder"])
     assert versions[0] == versions[1]
+
+
+def test_an_adapted_model_keeps_the_unknown_threshold_of_the_recipe_that_made_it(cnn_index):
+    with Engine(cnn_index) as engine:
+        version = engine.train(config=AdaptConfig(epochs=1, seed=0, margin=0.3))["encoder"].split("-v")[1]
+    recipe = json.loads(adapted_recipe_path(cnn_index, version).read_text())
+    assert recipe["config"]["margin"] == 0.3 and recipe["config"]["epochs"] == 1
+    assert recipe["unknown_threshold"] == ADAPTED_UNKNOWN_THRESHOLD and recipe["base"] == f"cnn-v{cnn.MODEL_VERSION}"
+    with Engine(cnn_index) as engine:
+        assert engine.encoder.unknown_threshold == ADAPTED_UNKNOWN_THRESHOLD
+    adapted_recipe_path(cnn_index, version).unlink()  # as a model adapted before recipes were recorded
+    with Engine(cnn_index) as engine:
+        assert engine.encoder.unknown_threshold == LEGACY_ADAPTED_UNKNOWN_THRESHOLD
+        assert engine.query([next(iter(engine.catalog().paths.values()))], k=1)[0].neighbours
+    adapted_recipe_path(cnn_index, version).write_text("{not json")
+    with Engine(cnn_index) as engine, pytest.raises(CorruptIndexError, match="unreadable recipe"):
+        engine.query([next(iter(engine.catalog().paths.values()))], k=1)
 
 
 def _state(index):
