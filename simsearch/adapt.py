@@ -152,15 +152,17 @@ def _class_means(model, mels, offsets, lengths, y, n_classes):
 
 
 def evaluate_adapted(dataset, held_out: list[np.ndarray], *, config: AdaptConfig | None = None, vote_config=None,
-                     unknown: int = 0, seed: int = 0, progress=None) -> dict:
+                     unknown: int = 0, repeats: int = 5, seed: int = 0, progress=None) -> dict:
     """The ``cnn+adapt`` strategy of :func:`simsearch.evaluate.evaluate`: adapt inside each fold.
 
     For every fold the shipped CNN is adapted on the *other* folds' labelled files only (the
     held-out group is never seen), then every file is re-embedded with it and the fold is
-    categorised exactly as the frozen strategies are. With ``unknown`` > 0, each fold also
-    hides that many classes (a different seeded draw per fold) and adapts a second model
-    without them, so the hidden classes are unknown to the *adapted* space too; its "unknown"
-    scores are reported as for the frozen strategies, at :data:`ADAPTED_UNKNOWN_THRESHOLD`.
+    categorised exactly as the frozen strategies are. With ``unknown`` > 0, every round of
+    :func:`simsearch.evaluate_openset.unknown_rounds` (``repeats`` per fold, each hiding a
+    different set of classes) adapts one more model on the fold's other files without the
+    hidden classes, so they are unknown to the *adapted* space too; its "unknown" scores are
+    reported as for the frozen strategies, at :data:`ADAPTED_UNKNOWN_THRESHOLD`. That is
+    ``folds x (1 + repeats)`` trainings in all.
     """
     import time
 
@@ -169,7 +171,7 @@ def evaluate_adapted(dataset, held_out: list[np.ndarray], *, config: AdaptConfig
     from .encoders import CNNEncoder
     from .errors import AudioReadError
     from .evaluate import class_report, confusion, embed_files, score_folds
-    from .evaluate_openset import UnknownScores, hidden_classes, summarise_unknown
+    from .evaluate_openset import UnknownScores, summarise_unknown, unknown_rounds
 
     config = config or AdaptConfig()
     vote_config = vote_config or VoteConfig()
@@ -196,21 +198,28 @@ def evaluate_adapted(dataset, held_out: list[np.ndarray], *, config: AdaptConfig
         embed_seconds += time.perf_counter() - started
         return embedded
 
+    rounds = unknown_rounds(dataset, len(held_out), unknown, repeats=repeats, seed=seed) if unknown else []
+    steps = len(held_out) + len(rounds)
+
+    def training_set(fold: np.ndarray, hidden: set[str] = frozenset()) -> list[int]:
+        excluded = set(fold.tolist())
+        return [i for i in sorted(waves) if i not in excluded and labels[i] not in hidden]
+
     for n, fold in enumerate(held_out):
-        train = [i for i in sorted(waves) if i not in set(fold.tolist())]
-        vectors, owner, failures = adapted_vectors(train, seconds)
+        vectors, owner, failures = adapted_vectors(training_set(fold), seconds)
         scored = score_folds(vectors, owner, dataset, [fold], vote_config=vote_config)
         folds += scored["folds"]
         for i, t in enumerate(scored["confusion"]["labels"]):
             for j, p in enumerate(scored["confusion"]["labels"]):
                 truth += [t] * scored["confusion"]["matrix"][i][j]
                 voted += [p] * scored["confusion"]["matrix"][i][j]
-        if unknown:
-            hidden = hidden_classes(dataset, unknown, seed=seed, repeat=n)
-            vectors, owner, _ = adapted_vectors([i for i in train if labels[i] not in hidden], open_set_seconds)
-            open_set.add(vectors, owner, dataset, fold, hidden, vote_config=vote_config)
         if progress:
-            progress(n + 1, len(held_out))
+            progress(n + 1, steps)
+    for r, (n, hidden) in enumerate(rounds):
+        vectors, owner, _ = adapted_vectors(training_set(held_out[n], hidden), open_set_seconds)
+        open_set.add(vectors, owner, dataset, held_out[n], hidden, vote_config=vote_config)
+        if progress:
+            progress(len(held_out) + r + 1, steps)
     total = sum(f["files"] for f in folds)
     per_class = class_report(truth, voted)
     result = {"encoder": f"cnn-v{cnn.MODEL_VERSION}+adapt", "train_seconds_per_fold": seconds,
@@ -223,8 +232,8 @@ def evaluate_adapted(dataset, held_out: list[np.ndarray], *, config: AdaptConfig
     if unknown:
         threshold = vote_config.unknown_threshold if vote_config.unknown_threshold is not None \
             else ADAPTED_UNKNOWN_THRESHOLD
-        result["unknown"] = {**summarise_unknown(open_set, threshold=threshold, n_unknown=unknown, repeats=1),
-                             "train_seconds_per_fold": open_set_seconds}
+        result["unknown"] = {**summarise_unknown(open_set, threshold=threshold, n_unknown=unknown, repeats=repeats),
+                             "train_seconds_per_round": open_set_seconds}
     return result
 
 

@@ -278,7 +278,8 @@ def evaluate(paths: list[Path] = typer.Argument(..., help="A labelled library (f
              seed: int = typer.Option(0, "--seed"),
              shots: Optional[str] = typer.Option(None, "--shots", help="Few-shot curve, e.g. 1,5,10 examples per class."),
              unknown: int = typer.Option(0, "--unknown", min=0, help="Hide this many classes; measure 'unknown' rejection."),
-             repeats: int = typer.Option(5, "--repeats", min=1, help="Seeded repeats for --shots and --unknown."),
+             repeats: int = typer.Option(5, "--repeats", min=1, help="Seeded repeats for --shots and --unknown (--unknown: rounds per fold, "
+                                                          "each hiding other classes; with --adapt each trains a model)."),
              adapt: bool = typer.Option(False, "--adapt", help="Also adapt the CNN inside each fold (its labelled part only)."),
              epochs: int = typer.Option(6, "--epochs", min=1, help="Adaptation epochs for --adapt."),
              augment: Augmentation = AugmentOpt,
@@ -346,7 +347,9 @@ def _print_evaluation(result: dict) -> None:
             if u["auroc"] is None:
                 typer.echo(f"  {name:<14}not measured (no known or no unknown queries)")
                 continue
-            typer.echo(f"  {name:<14}AUROC {u['auroc']:.3f} (mean per round {u['auroc_per_round']:.3f})  "
+            per_round = [r["auroc"] for r in u["rounds"] if r["auroc"] is not None]
+            typer.echo(f"  {name:<14}AUROC {u['auroc']:.3f} (mean of {len(per_round)} rounds {u['auroc_per_round']:.3f}, "
+                       f"{min(per_round):.2f}-{max(per_round):.2f})  "
                        f"at threshold {u['threshold']:.2f}: decision acc "
                        f"{u['decision_accuracy']:.3f}, balanced {u['balanced_accuracy']:.3f}, open-set acc "
                        f"{u['open_set_accuracy']:.3f}  (best balanced at {u['best_threshold']:.2f}: "

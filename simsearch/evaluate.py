@@ -231,7 +231,7 @@ def evaluate(roots: Sequence[str | Path], *, encoders: Sequence[str] = ("cnn", "
         from .adapt import evaluate_adapted
 
         results["cnn+adapt"] = evaluate_adapted(dataset, held_out, config=adapt_config, vote_config=vote_config,
-                                                unknown=unknown, seed=seed, progress=progress)
+                                                unknown=unknown, repeats=repeats, seed=seed, progress=progress)
     return {"files": len(dataset.paths), "labels": len(set(dataset.labels)), "folds": len(held_out),
             "split": "leave-one-group-out" if group_regex else f"{folds}-fold", "strategies": results}
 

@@ -45,6 +45,21 @@ def test_few_shot_curve_and_unknown_rejection(grouped):
     assert 0.0 <= unknown["auroc"] <= 1.0 and 0.0 <= unknown["decision_accuracy"] <= 1.0
 
 
+def test_unknown_rounds_hide_every_class_set_before_repeating_one(grouped):
+    result = evaluate([grouped], encoders=["features"], label_regex=r"^([a-z]+)_", group_regex=r"^[a-z]+_([a-z]+)_",
+                      unknown=2, repeats=4)
+    rounds = result["strategies"]["features"]["unknown"]["rounds"]
+    assert len(rounds) == 3 * 4  # repeats per held-out group
+    assert [r["group"] for r in rounds] == ["alpha", "beta", "gamma"] * 4
+    hidden = [tuple(r["hidden"]) for r in rounds]
+    assert len(set(hidden[:6])) == 6, "4 kinds, 2 hidden: all 6 pairs before any comes back"
+    assert all(len(set(h)) == 2 and set(h) <= {"bell", "chirp", "hum", "clicks"} for h in hidden)
+    assert all(0.0 <= r["auroc"] <= 1.0 for r in rounds)
+    again = evaluate([grouped], encoders=["features"], label_regex=r"^([a-z]+)_", group_regex=r"^[a-z]+_([a-z]+)_",
+                     unknown=2, repeats=4)
+    assert again["strategies"]["features"]["unknown"]["rounds"] == rounds, "seeded: the same rounds every time"
+
+
 def test_k_folds_without_groups(grouped):
     result = evaluate([grouped], encoders=["features"], label_regex=r"^([a-z]+)_", folds=3)
     assert result["split"] == "3-fold" and len(result["strategies"]["features"]["folds"]) == 3
@@ -76,11 +91,12 @@ def test_adapted_strategy_reports_unknown_rejection_from_models_that_never_saw_t
     from simsearch.adapt import AdaptConfig
 
     result = evaluate([grouped], encoders=[], label_regex=r"^([a-z]+)_", group_regex=r"^[a-z]+_([a-z]+)_",
-                      unknown=1, adapt=True, adapt_config=AdaptConfig(epochs=1, batch_size=8))
+                      unknown=1, repeats=1, adapt=True, adapt_config=AdaptConfig(epochs=1, batch_size=8))
     adapted = result["strategies"]["cnn+adapt"]
     assert len(adapted["folds"]) == 3 and adapted["top1"] >= 0.75
-    # one closed-set model and one without the hidden class per fold
-    assert len(adapted["train_seconds_per_fold"]) == 3 and len(adapted["unknown"]["train_seconds_per_fold"]) == 3
+    # one closed-set model per fold, and one per unknown round without that round's hidden class
+    assert len(adapted["train_seconds_per_fold"]) == 3 and len(adapted["unknown"]["train_seconds_per_round"]) == 3
     unknown = adapted["unknown"]
+    assert len({r["hidden"][0] for r in unknown["rounds"]}) == 3, "each round hides another class"
     assert 0.0 <= unknown["auroc"] <= 1.0 and 0.0 <= unknown["auroc_per_round"] <= 1.0 and unknown["threshold"] > 0
     assert 0.0 <= unknown["open_set_accuracy"] <= 1.0
