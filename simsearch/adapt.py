@@ -50,9 +50,9 @@ class AdaptConfig:
     """``"light"`` (crop, speed, pitch) or ``"full"`` (also the pre-training augmentations).
     In the first development sweep (46 recipes x 8 runs, margin 0.2 / scale 30) "full" scored
     0.903 against 0.900 for "light", within the noise of about 1 point, and the same "unknown"
-    AUROC (0.868); SpecAugment masks, vocal-tract-length warping, mixup, supervised-contrastive terms,
-    weight averaging, frozen or slower early blocks, 10-15 epochs and other learning rates or
-    batch sizes gained no more than that noise either, while margin and scale did."""
+    AUROC (0.868); SpecAugment masks, vocal-tract-length warping, mixup, supervised-
+    contrastive terms, weight averaging, frozen or slower early blocks, 10-15 epochs and other
+    learning rates or batch sizes gained no more than that noise either; margin and scale did."""
 
     def __post_init__(self):
         if self.augmentation not in ("light", "full"):
@@ -271,13 +271,13 @@ def adapted_recipe_path(directory, version: str):
 
 def load_adapted(directory, version: str):
     """The adapted encoder ``version`` saved in the index ``directory`` (weights only, never pickle)."""
+    import json
+
     import torch
 
     from . import cnn
     from .encoders import CNNEncoder
     from .errors import CorruptIndexError
-
-    import json
 
     path = adapted_weights_path(directory, version)
     try:

@@ -210,6 +210,8 @@ def evaluate(roots: Sequence[str | Path], *, encoders: Sequence[str] = ("cnn", "
     if group_regex is None and folds is None:
         folds = 5
     held_out = folds_of(dataset, folds=folds if group_regex is None else None, seed=seed)
+    if unknown:  # refuse an impossible --unknown before embedding anything
+        evaluate_openset.unknown_rounds(dataset, len(held_out), unknown, repeats=repeats, seed=seed)
     results = {}
     for name in encoders:
         encoder = get_encoder(name)

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from .config import VoteConfig
+from .errors import UsageError
 from .evaluate import Dataset, file_similarity, predict
 from .vote import vote
 
@@ -90,7 +91,8 @@ def unknown_rounds(dataset: Dataset, n_folds: int, n_unknown: int, *, repeats: i
     classes = sorted(set(dataset.labels))
     rounds = n_folds * repeats
     if not 0 < n_unknown < len(classes):
-        raise ValueError(f"cannot hide {n_unknown} of {len(classes)} classes and keep one known")
+        raise UsageError(f"--unknown {n_unknown}: cannot hide {n_unknown} of {len(classes)} classes and keep "
+                         f"one known")
     rng = np.random.default_rng([seed, n_unknown])
     if math.comb(len(classes), n_unknown) <= 100_000:
         sets = list(itertools.combinations(classes, n_unknown))

@@ -58,6 +58,9 @@ def test_unknown_rounds_hide_every_class_set_before_repeating_one(grouped):
     again = evaluate([grouped], encoders=["features"], label_regex=r"^([a-z]+)_", group_regex=r"^[a-z]+_([a-z]+)_",
                      unknown=2, repeats=4)
     assert again["strategies"]["features"]["unknown"]["rounds"] == rounds, "seeded: the same rounds every time"
+    refused = CliRunner().invoke(app, ["evaluate", str(grouped), "--label-regex", "^([a-z]+)_", "--encoder", "features",
+                                       "--unknown", "4"])
+    assert refused.exit_code != 0 and "cannot hide 4 of 4 classes" in refused.output
 
 
 def test_k_folds_without_groups(grouped):
