@@ -154,17 +154,16 @@ def _class_means(model, mels, offsets, lengths, y, n_classes):
 
 
 def evaluate_adapted(dataset, held_out: list[np.ndarray], *, config: AdaptConfig | None = None, vote_config=None,
-                     unknown: int = 0, repeats: int = 5, seed: int = 0, progress=None) -> dict:
+                     unknown_rounds: Sequence[tuple[int, set[str]]] = (), progress=None) -> dict:
     """The ``cnn+adapt`` strategy of :func:`simsearch.evaluate.evaluate`: adapt inside each fold.
 
     For every fold the shipped CNN is adapted on the *other* folds' labelled files only (the
     held-out group is never seen), then every file is re-embedded with it and the fold is
-    categorised exactly as the frozen strategies are. With ``unknown`` > 0, every round of
-    :func:`simsearch.evaluate_openset.unknown_rounds` (``repeats`` per fold, each hiding a
-    different set of classes) adapts one more model on the fold's other files without the
-    hidden classes, so they are unknown to the *adapted* space too; its "unknown" scores are
-    reported as for the frozen strategies, at :data:`ADAPTED_UNKNOWN_THRESHOLD`. That is
-    ``folds x (1 + repeats)`` trainings in all.
+    categorised exactly as the frozen strategies are. Every round of ``unknown_rounds``
+    (``(fold, hidden classes)`` from :func:`simsearch.evaluate_openset.unknown_rounds`) adapts
+    one more model on the fold's other files without the hidden classes, so they are unknown
+    to the *adapted* space too; its "unknown" scores are reported as for the frozen
+    strategies, at :data:`ADAPTED_UNKNOWN_THRESHOLD`. That is ``folds + rounds`` trainings.
     """
     import time
 
@@ -173,7 +172,7 @@ def evaluate_adapted(dataset, held_out: list[np.ndarray], *, config: AdaptConfig
     from .encoders import CNNEncoder
     from .errors import AudioReadError
     from .evaluate import class_report, confusion, embed_files, score_folds
-    from .evaluate_openset import UnknownScores, summarise_unknown, unknown_rounds
+    from .evaluate_openset import UnknownScores, summarise_unknown
 
     config = config or AdaptConfig()
     vote_config = vote_config or VoteConfig()
@@ -200,7 +199,7 @@ def evaluate_adapted(dataset, held_out: list[np.ndarray], *, config: AdaptConfig
         embed_seconds += time.perf_counter() - started
         return embedded
 
-    rounds = unknown_rounds(dataset, len(held_out), unknown, repeats=repeats, seed=seed) if unknown else []
+    rounds = list(unknown_rounds)
     steps = len(held_out) + len(rounds)
 
     def training_set(fold: np.ndarray, hidden: set[str] = frozenset()) -> list[int]:
@@ -231,10 +230,10 @@ def evaluate_adapted(dataset, held_out: list[np.ndarray], *, config: AdaptConfig
               "macro_f1": float(np.mean([c["f1"] for c in per_class.values()])) if per_class else 0.0,
               "folds": folds, "per_class": per_class, "confusion": confusion(truth, voted),
               "failed": [{"path": p, "reason": r} for p, r in failures]}
-    if unknown:
+    if rounds:
         threshold = vote_config.unknown_threshold if vote_config.unknown_threshold is not None \
             else ADAPTED_UNKNOWN_THRESHOLD
-        result["unknown"] = {**summarise_unknown(open_set, threshold=threshold, n_unknown=unknown, repeats=repeats),
+        result["unknown"] = {**summarise_unknown(open_set, threshold=threshold, rounds=rounds, n_folds=len(held_out)),
                              "train_seconds_per_round": open_set_seconds}
     return result
 

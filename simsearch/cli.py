@@ -348,8 +348,9 @@ def _print_evaluation(result: dict) -> None:
                 typer.echo(f"  {name:<14}not measured (no known or no unknown queries)")
                 continue
             per_round = [r["auroc"] for r in u["rounds"] if r["auroc"] is not None]
-            typer.echo(f"  {name:<14}AUROC {u['auroc']:.3f} (mean of {len(per_round)} rounds {u['auroc_per_round']:.3f}, "
-                       f"{min(per_round):.2f}-{max(per_round):.2f})  "
+            spread = (f"mean of {len(per_round)} rounds {u['auroc_per_round']:.3f}, "
+                      f"{min(per_round):.2f}-{max(per_round):.2f}") if per_round else "no round has both kinds"
+            typer.echo(f"  {name:<14}AUROC {u['auroc']:.3f} ({spread})  "
                        f"at threshold {u['threshold']:.2f}: decision acc "
                        f"{u['decision_accuracy']:.3f}, balanced {u['balanced_accuracy']:.3f}, open-set acc "
                        f"{u['open_set_accuracy']:.3f}  (best balanced at {u['best_threshold']:.2f}: "

@@ -210,8 +210,9 @@ def evaluate(roots: Sequence[str | Path], *, encoders: Sequence[str] = ("cnn", "
     if group_regex is None and folds is None:
         folds = 5
     held_out = folds_of(dataset, folds=folds if group_regex is None else None, seed=seed)
-    if unknown:  # refuse an impossible --unknown before embedding anything
-        evaluate_openset.unknown_rounds(dataset, len(held_out), unknown, repeats=repeats, seed=seed)
+    # one set of rounds for every strategy; an impossible --unknown is refused before embedding anything
+    rounds = evaluate_openset.unknown_rounds(dataset, len(held_out), unknown, repeats=repeats, seed=seed) \
+        if unknown else []
     results = {}
     for name in encoders:
         encoder = get_encoder(name)
@@ -225,15 +226,14 @@ def evaluate(roots: Sequence[str | Path], *, encoders: Sequence[str] = ("cnn", "
                                                            repeats=repeats, seed=seed, vote_config=vote_config)
         if unknown:
             threshold = vote_config.unknown_threshold if vote_config.unknown_threshold is not None else encoder.unknown_threshold
-            result["unknown"] = evaluate_openset.unknown_rejection(vectors, owner, dataset, held_out, n_unknown=unknown,
-                                                                   repeats=repeats, seed=seed, threshold=threshold,
-                                                                   vote_config=vote_config)
+            result["unknown"] = evaluate_openset.unknown_rejection(vectors, owner, dataset, held_out, rounds,
+                                                                   threshold=threshold, vote_config=vote_config)
         results[name] = result
     if adapt:
         from .adapt import evaluate_adapted
 
         results["cnn+adapt"] = evaluate_adapted(dataset, held_out, config=adapt_config, vote_config=vote_config,
-                                                unknown=unknown, repeats=repeats, seed=seed, progress=progress)
+                                                unknown_rounds=rounds, progress=progress)
     return {"files": len(dataset.paths), "labels": len(set(dataset.labels)), "folds": len(held_out),
             "split": "leave-one-group-out" if group_regex else f"{folds}-fold", "strategies": results}
 

@@ -62,20 +62,20 @@ def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
     return float((ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)) if n_pos and n_neg else 0.0
 
 
-def unknown_rejection(vectors: np.ndarray, owner: np.ndarray, dataset: Dataset, held_out: list[np.ndarray], *,
-                      n_unknown: int = 2, repeats: int = 5, seed: int = 0, threshold: float,
+def unknown_rejection(vectors: np.ndarray, owner: np.ndarray, dataset: Dataset, held_out: list[np.ndarray],
+                      rounds: list[tuple[int, set[str]]], *, threshold: float,
                       vote_config: VoteConfig = VoteConfig()) -> dict:
     """How well the vote's "unknown" answer separates classes nobody labelled.
 
-    Every round (:func:`unknown_rounds`: ``repeats`` per held-out fold) hides ``n_unknown``
-    whole classes from the references; queries from the round's fold are *known* (their class
-    is labelled) or *unknown*. The score is the one the vote thresholds: the winning label's
-    best similarity. See :func:`summarise_unknown` for what is reported.
+    Every round (``(fold, hidden classes)`` from :func:`unknown_rounds`) hides whole classes
+    from the references; queries from the round's fold are *known* (their class is labelled)
+    or *unknown*. The score is the one the vote thresholds: the winning label's best
+    similarity. See :func:`summarise_unknown` for what is reported.
     """
     scores = UnknownScores()
-    for fold, hidden in unknown_rounds(dataset, len(held_out), n_unknown, repeats=repeats, seed=seed):
+    for fold, hidden in rounds:
         scores.add(vectors, owner, dataset, held_out[fold], hidden, vote_config=vote_config)
-    return summarise_unknown(scores, threshold=threshold, n_unknown=n_unknown, repeats=repeats)
+    return summarise_unknown(scores, threshold=threshold, rounds=rounds, n_folds=len(held_out))
 
 
 def unknown_rounds(dataset: Dataset, n_folds: int, n_unknown: int, *, repeats: int,
@@ -144,7 +144,8 @@ class UnknownScores:
         self.names.append({"group": dataset.groups[queries[0]], "hidden": sorted(hidden)})
 
 
-def summarise_unknown(scores: UnknownScores, *, threshold: float, n_unknown: int, repeats: int) -> dict:
+def summarise_unknown(scores: UnknownScores, *, threshold: float, rounds: list[tuple[int, set[str]]],
+                      n_folds: int) -> dict:
     """AUROC (known vs unknown), accuracy of the known/unknown decision and open-set accuracy
     (known: right label and accepted; unknown: rejected) at ``threshold``, and the threshold
     that maximises balanced accuracy (what a default should be calibrated from).
@@ -152,6 +153,7 @@ def summarise_unknown(scores: UnknownScores, *, threshold: float, n_unknown: int
     ``auroc`` pools every round's scores, as one fixed threshold must serve them all;
     ``auroc_per_round`` is the mean over rounds (one held-out group, one set of references
     and, with adaptation, one model each) — what a single library sees."""
+    n_unknown, repeats = len(rounds[0][1]), len(rounds) // n_folds
     known, unknown, right = np.array(scores.known), np.array(scores.unknown), np.array(scores.known_right, bool)
     if len(known) == 0 or len(unknown) == 0:
         return {"hidden_classes": n_unknown, "repeats": repeats, "auroc": None, "threshold": threshold}
