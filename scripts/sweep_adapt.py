@@ -167,34 +167,6 @@ def _data():
     return _DATA
 
 
-def crop(mels, offsets, lengths, ids, cfg, rng, n_mels):
-    lens = lengths[ids]
-    L = int(min(cfg["crop"], lens.max()))
-    X = np.full((len(ids), n_mels, L), math.log(1e-6), np.float32)
-    out_len = np.zeros(len(ids), np.int64)
-    fgrid = np.arange(n_mels, dtype=np.float64)
-    for b, i in enumerate(ids):
-        m = mels[:, offsets[i]:offsets[i] + lens[b]]
-        r = math.exp(rng.uniform(-cfg["speed"], cfg["speed"]))
-        n = min(L, int((lens[b] - 1) / r) + 1)
-        start = rng.uniform(0, lens[b] - 1 - (n - 1) * r)
-        pos = np.clip(start + r * np.arange(n), 0, lens[b] - 1)
-        p0 = np.floor(pos).astype(np.int64)
-        p1 = np.minimum(p0 + 1, lens[b] - 1)
-        w = (pos - p0)[None].astype(np.float32)
-        m = m[:, p0] * (1 - w) + m[:, p1] * w
-        if rng.random() < cfg["pitch_p"]:
-            alpha = math.exp(rng.uniform(-cfg["warp"], cfg["warp"])) if cfg["warp"] else 1.0
-            fpos = np.clip(fgrid * alpha - rng.uniform(-cfg["pitch"], cfg["pitch"]), 0, n_mels - 1)
-            f0 = np.floor(fpos).astype(np.int64)
-            f1 = np.minimum(f0 + 1, n_mels - 1)
-            fw = (fpos - f0)[:, None].astype(np.float32)
-            m = m[f0] * (1 - fw) + m[f1] * fw
-        X[b, :, :n] = m
-        out_len[b] = n
-    return X, out_len
-
-
 def spec_masks(X, lengths, cfg, g):
     import torch
     B, Fq, T = X.shape
@@ -236,7 +208,7 @@ def adapt(cfg, train_ids, seed, dev):
     g = torch.Generator().manual_seed(seed)
     model = copy.deepcopy(base).train().requires_grad_(True)
     head = training.AMSoftmax(model.proj.out_features, len(names), cfg["scale"], cfg["margin"]).to(dev)
-    E0 = embed(base, train_ids, dev)
+    E0 = training.embed_cached(base, mels, offsets, lengths, train_ids)
     means = torch.zeros(len(names), E0.shape[1])
     means.index_add_(0, torch.from_numpy(y_all), torch.from_numpy(E0))
     head.w.data = F.normalize(means, dim=1).to(dev)
@@ -261,8 +233,9 @@ def adapt(cfg, train_ids, seed, dev):
             model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg["ema"]), use_buffers=True)
     for _ in range(cfg["epochs"]):
         for ids in training.make_batches(lengths[train_ids], np.arange(len(y_all)), cfg["bs"], rng):
-            X, xl = crop(mels, offsets, lengths, np.asarray(train_ids)[ids], cfg, rng, cnn.N_MELS)
-            X, xl = torch.from_numpy(X), torch.from_numpy(xl)
+            X, xl = training.crop_batch(mels, offsets, lengths, np.asarray(train_ids)[ids], cfg["crop"], rng, True,
+                                        speed=cfg["speed"], pitch=cfg["pitch"], pitch_probability=cfg["pitch_p"],
+                                        warp=cfg["warp"])
             if cfg["full"]:
                 X = training.augment(X, xl, g)
             X, xl = X.to(dev), xl.to(dev)
@@ -284,7 +257,7 @@ def adapt(cfg, train_ids, seed, dev):
                 emb = model(X, xl)
                 loss, _ = head(emb, y)
                 if cfg["supcon"]:
-                    loss = loss + cfg["supcon"] * supcon(emb, y)
+                    loss = loss + cfg["supcon"] * training.supcon(emb, y)
                 if cfg["distill"]:
                     with torch.no_grad():
                         target = base(X, xl)
@@ -299,37 +272,8 @@ def adapt(cfg, train_ids, seed, dev):
     return final.eval().requires_grad_(False)
 
 
-def supcon(emb, y, temp=0.1):
-    import torch
-    sim = emb @ emb.T / temp
-    eye = torch.eye(len(y), dtype=torch.bool, device=emb.device)
-    sim = sim.masked_fill(eye, -1e9)
-    pos = (y[:, None] == y[None, :]) & ~eye
-    logp = sim - torch.logsumexp(sim, 1, keepdim=True)
-    return -((logp * pos).sum(1) / pos.sum(1).clamp(min=1))[pos.any(1)].mean()
-
-
-def embed(model, ids, dev, batch=256):
-    import torch
-    D = _data()
-    mels, offsets, lengths = D["mels"], D["offsets"], D["lengths"]
-    ids = np.asarray(ids)
-    out = np.zeros((len(ids), 128), np.float32)
-    order = np.argsort(lengths[ids], kind="stable")
-    model.eval()
-    with torch.no_grad():
-        for s in range(0, len(order), batch):
-            sel = order[s:s + batch]
-            L = int(lengths[ids[sel]].max())
-            X = np.zeros((len(sel), mels.shape[0], L), np.float32)
-            for r, j in enumerate(sel):
-                i = ids[j]
-                X[r, :, :lengths[i]] = mels[:, offsets[i]:offsets[i] + lengths[i]]
-            out[sel] = model(torch.from_numpy(X).to(dev), torch.from_numpy(lengths[ids[sel]]).to(dev)).cpu().numpy()
-    return out
-
-
 def auroc(pos, neg):
+    # evaluate_openset.auroc would import the whole package (soundfile, faiss), absent on a GPU image
     s = np.concatenate([pos, neg])
     order = s.argsort(kind="stable")
     ranks = np.empty(len(s))
@@ -349,7 +293,8 @@ def run_task(task, cfgs, dev):
     model = adapt(cfg, train_ids, seed, dev)
     train_s = time.perf_counter() - t0
     q = np.flatnonzero(groups == val)
-    E = embed(model, np.concatenate([q, train_ids]), dev)
+    _, training = _load_pkg()
+    E = training.embed_cached(model, D["mels"], D["offsets"], D["lengths"], np.concatenate([q, train_ids]))
     Eq, Er = E[:len(q)], E[len(q):]
     S = Eq @ Er.T
     rl = labels[train_ids]
@@ -381,7 +326,7 @@ def run_task(task, cfgs, dev):
     return res
 
 
-def worker(wid, queue, outq, cfgs, dev_name, deadline):
+def worker(queue, outq, cfgs, dev_name, deadline):
     import torch
     torch.set_num_threads(1)
     dev = torch.device(dev_name)
@@ -463,8 +408,8 @@ def main():
     queue, outq = ctx.Queue(), ctx.Queue()
     for t in todo:
         queue.put(t)
-    procs = [ctx.Process(target=worker, args=(w, queue, outq, cfgs, dev, time.time() + a.seconds))
-             for w in range(a.workers)]
+    procs = [ctx.Process(target=worker, args=(queue, outq, cfgs, dev, time.time() + a.seconds))
+             for _ in range(a.workers)]
     for _ in procs:
         queue.put(None)
     for p in procs:

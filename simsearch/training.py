@@ -29,8 +29,13 @@ def make_batches(lengths: np.ndarray, idx: np.ndarray, batch: int, rng) -> list[
     return [out[i] for i in rng.permutation(len(out)) if len(out[i]) > 1]
 
 
-def crop_batch(mels, offsets, lengths, ids, crop: int, rng, augment: bool):
+def crop_batch(mels, offsets, lengths, ids, crop: int, rng, augment: bool, *, speed: float = 0.15,
+               pitch: float = 2.0, pitch_probability: float = 0.7, warp: float = 0.0):
     """Random crop with speed (time resampling) and pitch (mel-axis shift) jitter.
+
+    ``speed``: log-rate range (±0.15: ×0.86–1.16); ``pitch``: mel-band shift range, applied to
+    a ``pitch_probability`` share of clips, which with ``warp`` > 0 also get their mel axis
+    scaled by up to ``exp(±warp)`` (vocal-tract-length style).
 
     Returns X (B, N_MELS, L) float32 padded with log(LOG_EPS), and valid lengths (B,).
     """
@@ -41,7 +46,7 @@ def crop_batch(mels, offsets, lengths, ids, crop: int, rng, augment: bool):
     fgrid = np.arange(cnn.N_MELS, dtype=np.float64)
     for b, i in enumerate(ids):
         m = np.asarray(mels[:, offsets[i]:offsets[i] + lens[b]], dtype=np.float32)
-        r = math.exp(rng.uniform(-0.15, 0.15)) if augment else 1.0
+        r = math.exp(rng.uniform(-speed, speed)) if augment else 1.0
         n = min(L, int((lens[b] - 1) / r) + 1)
         start = rng.uniform(0, lens[b] - 1 - (n - 1) * r) if augment else (lens[b] - n) // 2
         pos = np.clip(start + r * np.arange(n), 0, lens[b] - 1)
@@ -49,8 +54,9 @@ def crop_batch(mels, offsets, lengths, ids, crop: int, rng, augment: bool):
         p1 = np.minimum(p0 + 1, lens[b] - 1)
         w = (pos - p0)[None].astype(np.float32)
         m = m[:, p0] * (1 - w) + m[:, p1] * w
-        if augment and rng.random() < 0.7:
-            fpos = np.clip(fgrid - rng.uniform(-2, 2), 0, cnn.N_MELS - 1)
+        if augment and rng.random() < pitch_probability:
+            stretch = math.exp(rng.uniform(-warp, warp)) if warp else 1.0
+            fpos = np.clip(fgrid * stretch - rng.uniform(-pitch, pitch), 0, cnn.N_MELS - 1)
             f0 = np.floor(fpos).astype(np.int64)
             f1 = np.minimum(f0 + 1, cnn.N_MELS - 1)
             fw = (fpos - f0)[:, None].astype(np.float32)
@@ -138,7 +144,7 @@ class AMSoftmax(torch.nn.Module):
 
 def supcon(emb: torch.Tensor, y: torch.Tensor, temp: float = 0.1) -> torch.Tensor:
     sim = emb @ emb.T / temp
-    eye = torch.eye(len(y), dtype=torch.bool)
+    eye = torch.eye(len(y), dtype=torch.bool, device=emb.device)
     sim = sim.masked_fill(eye, -1e9)
     pos = (y[:, None] == y[None, :]) & ~eye
     logp = sim - torch.logsumexp(sim, 1, keepdim=True)
@@ -146,7 +152,9 @@ def supcon(emb: torch.Tensor, y: torch.Tensor, temp: float = 0.1) -> torch.Tenso
 
 
 def embed_cached(model, mels, offsets, lengths, ids, batch_frames=24000) -> np.ndarray:
+    """Embed cached log-mels ``ids`` on the model's device; returns (len(ids), EMBEDDING_DIM) float32."""
     model.eval()
+    device = next(model.parameters()).device
     out = np.zeros((len(ids), cnn.EMBEDDING_DIM), np.float32)
     order = np.argsort(lengths[ids], kind="stable")
     with torch.inference_mode():
@@ -161,6 +169,6 @@ def embed_cached(model, mels, offsets, lengths, ids, batch_frames=24000) -> np.n
             for r, j in enumerate(sel):
                 i = ids[j]
                 X[r, :, :lengths[i]] = torch.from_numpy(np.asarray(mels[:, offsets[i]:offsets[i] + lengths[i]], np.float32))
-            out[sel] = model(X, torch.from_numpy(lengths[ids[sel]])).numpy()
+            out[sel] = model(X.to(device), torch.from_numpy(lengths[ids[sel]]).to(device)).cpu().numpy()
             s = e
     return out
