@@ -90,6 +90,12 @@ class DecodePool:
     def __exit__(self, *exc):
         self.close()
 
+    def start(self) -> None:
+        """Fork every worker now rather than on first need: from a process that has not yet
+        loaded torch (forking is cheaper, and no torch threads exist to be copied mid-work)."""
+        while len(self._all) < self.workers:
+            self._idle.append(self._spawn())
+
     def run(self, paths: Sequence[str], *, wanted: Callable[[int, str], bool] | None = None) -> list[FileResult]:
         """Read, hash and decode ``paths``; results in the same order.
 
@@ -319,15 +325,16 @@ def _die_with_parent(parent: int) -> None:
         os._exit(0)
 
 
-def _close_inherited_fds(keep: int) -> None:
+def _close_inherited_fds(keep: int | set[int]) -> None:
     """Close every descriptor but stdio and ``keep``: a worker must not hold the index lock or
     the database open (they would outlive a killed parent, or be touched from two processes)."""
+    keep = {keep} if isinstance(keep, int) else set(keep)
     try:
         fds = [int(name) for name in os.listdir("/proc/self/fd")]
     except OSError:
         fds = range(3, 1024)
     for fd in fds:
-        if fd > 2 and fd != keep:
+        if fd > 2 and fd not in keep:
             try:
                 os.close(fd)
             except OSError:

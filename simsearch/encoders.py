@@ -96,7 +96,8 @@ class CNNEncoder:
     name = "cnn"
     version = "2"  # = cnn.MODEL_VERSION, declared here so an index can be checked without importing torch
     versions = ("1", "2")  # = cnn.SHIPPED_VERSIONS: weights kept so older indexes keep working
-    sample_rate = 16000
+    dim = 128  # = cnn.EMBEDDING_DIM
+    sample_rate = 16000  # = cnn.SAMPLE_RATE
     unknown_threshold = 0.85
     """Calibrated on FSDD for cnn-v2 (`evaluate --unknown 2`, leave one speaker out, 30 rounds
     hiding 30 different pairs of digits): the threshold with the best balanced accuracy of the

@@ -18,7 +18,7 @@ from . import audio, indexer, search
 from .indexer import IndexReport, Progress
 from .config import EngineConfig, default_index_dir
 from .adapt import ADAPTED_NAME, AdaptConfig, load_adapted
-from .encoders import ENCODERS, Encoder, get_encoder, version_to_build
+from .encoders import ENCODERS, CNNEncoder, Encoder, get_encoder, version_to_build
 from .errors import AudioReadError, UsageError
 from .store import Catalog, Store
 from .vote import Category
@@ -89,16 +89,43 @@ class Engine:
             self._encoder = encoder
         return self._encoder
 
+    @property
+    def sample_rate(self) -> int:
+        """Hz: the rate the encoder wants its audio at, read from the encoder's class when it
+        declares one, so asking does not build the encoder (nor import torch)."""
+        if self._encoder is None:
+            recorded = self.store.encoder()
+            name = self._encoder_name or (recorded[0] if recorded else self.config.encoder)
+            factory = CNNEncoder if name == ADAPTED_NAME else ENCODERS.get(name)
+            rate = getattr(factory, "sample_rate", None)
+            if isinstance(rate, int):
+                return rate
+        return self.encoder.sample_rate
+
     def _check_encoder(self) -> None:
         """Raise :class:`~simsearch.errors.EncoderMismatchError` now if the encoder asked for
         is not the one that made the index's vectors, judged by the recorded name (and
         version, where the encoder's class declares one) without building it: re-indexing an
         unchanged library then never loads a model (about a second with torch). A new or
-        empty index records its encoder here, as before; any other version difference is
-        caught when the encoder is first built, before anything is decoded or written."""
+        empty index records its encoder here, from the encoder's class where it declares its
+        version, dimension and rate (else by building it); any other version difference is
+        caught when the encoder is first built, before anything is written."""
         recorded = self.store.encoder()
-        if self._encoder is not None or recorded is None or self.store.count("segments") == 0:
+        if self._encoder is not None:
             self.encoder
+            return
+        if recorded is None or self.store.count("segments") == 0:
+            # A new or emptied index: record the encoder from its class when the class declares
+            # all of it, so the model is loaded (and torch imported) only once the decoders are
+            # already busy with the first files (indexer.run_jobs).
+            name = self._encoder_name or (recorded[0] if recorded else self.config.encoder)
+            factory = ENCODERS.get(name) if name != ADAPTED_NAME else None
+            dim = getattr(factory, "dim", None)
+            version = version_to_build(name, recorded[1] if recorded and recorded[0] == name else None)
+            if version is None or not isinstance(dim, int) or getattr(factory, "sample_rate", None) is None:
+                self.encoder
+                return
+            self.store.claim_encoder(name, version, dim)
             return
         name = self._encoder_name or recorded[0]
         if name == recorded[0] == ADAPTED_NAME:

@@ -1,6 +1,7 @@
 """The indexing pipeline: plan what changed, read and decode in workers, embed in batches, store.
 
-reader (a thread driving a :class:`~simsearch.decode_pool.DecodePool`, one batch ahead) →
+reader (a process driving a :class:`~simsearch.decode_pool.DecodePool`, one group ahead:
+:mod:`simsearch.read_ahead`) →
 mapper (segment + embed a whole batch in one encoder call) → writer (one SQLite transaction
 per batch). Functions of an :class:`~simsearch.Engine`.
 """
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import audio, decode_pool
+from .read_ahead import ReadAhead
 from .store import FileRecord
 
 Progress = Callable[[int, int], None]
@@ -112,17 +114,14 @@ def _cut(items: list, *, files: Callable, size: Callable, max_files: int, max_by
     return out + [current] if current else out
 
 
-Decoded = tuple[list[Job], list[decode_pool.FileResult], dict[int, FileRecord]]
-"""A batch read: its jobs, what the decode pool made of each, and which are moves (by position)."""
-
-
 def run_jobs(engine, jobs: list[Job], report: IndexReport, *, progress: Progress | None, total: int, done: int,
              label_source: str = "manual") -> list[int]:
     """Read, embed and store ``jobs``: one encoder call per group of batches, one transaction
     per batch. Returns file ids.
 
-    While one group is embedded and written, the next is already being read and decoded
-    (:func:`read_ahead`), so the decoders and the encoder work at the same time.
+    While one group is embedded and written, the next is already being read and decoded (by
+    a :class:`~simsearch.read_ahead.ReadAhead` process), so the decoders and the encoder work
+    at the same time; the first group is decoded while the encoder loads.
     """
     file_ids = []
     if progress:
@@ -130,96 +129,21 @@ def run_jobs(engine, jobs: list[Job], report: IndexReport, *, progress: Progress
     if not jobs:
         return file_ids
     read = engine.config.read
-    with decode_pool.DecodePool(sample_rate=engine.encoder.sample_rate, max_seconds=read.max_seconds,
-                                timeout=read.timeout_seconds) as pool:
-        ahead = contextlib.closing(read_ahead(engine, pool, groups(batches(jobs, engine.config.batch_files))))
-        with ahead as ready:  # closed (its thread stopped) before the pool is
-            for group in ready:
-                embedded = iter(embed_batch(engine, [result.decoded for _, results, moves in group
-                                                     for i, result in enumerate(results)
-                                                     if result.error is None and i not in moves]))
-                for batch, results, moves in group:
-                    file_ids += store_batch(engine, batch, results, moves, embedded, report, label_source)
-                    done += len(batch)
-                    if progress:
-                        progress(done, total)
+    work = groups(batches(jobs, engine.config.batch_files))
+    reader = ReadAhead(engine.store, [[[job.path for job in batch] for batch in group] for group in work],
+                       sample_rate=engine.sample_rate, max_seconds=read.max_seconds, timeout=read.timeout_seconds)
+    with contextlib.closing(reader):
+        engine.encoder  # built (torch imported, model loaded) while the reader decodes the first files
+        for group, read_group in zip(work, reader):
+            embedded = iter(embed_batch(engine, [result.decoded for results, moves in read_group
+                                                 for i, result in enumerate(results)
+                                                 if result.error is None and i not in moves]))
+            for batch, (results, moves) in zip(group, read_group):
+                file_ids += store_batch(engine, batch, results, moves, embedded, report, label_source)
+                done += len(batch)
+                if progress:
+                    progress(done, total)
     return file_ids
-
-
-def read_ahead(engine, pool: decode_pool.DecodePool, work: list[list[list[Job]]]):
-    """Yield, for each group of batches, a list of :data:`Decoded`, one per batch, reading
-    the next group meanwhile.
-
-    A thread drives the decode pool (it mostly waits on the workers' sockets, so it costs
-    the encoder nothing) one group ahead. Moves are not decoded. The thread looks moves up
-    through its own connection: the writer's commits of earlier batches cannot change the
-    answer (a file added by this run exists, so it is never the origin of a move, and an
-    origin is claimed once), so reading ahead decides exactly as reading in step would.
-    """
-    import queue
-    import threading
-
-    from .store import Store
-
-    ready: queue.Queue = queue.Queue(maxsize=1)
-    stop = threading.Event()
-    claimed: set[int] = set()  # indexed files already taken as the origin of a move in this run
-
-    def read(lookup: Store, group: list[list[Job]]) -> list[Decoded]:
-        jobs = [job for batch in group for job in batch]
-        moves: dict[int, FileRecord] = {}
-
-        def wanted(i: int, content_hash: str) -> bool:
-            # A file with the content of an indexed file whose own path is gone is a move:
-            # it needs no decoding, let alone embedding.
-            moved = find_moved(lookup, content_hash, jobs[i].path, claimed)
-            if moved is None:
-                return True
-            moves[i] = moved
-            claimed.add(moved.id)
-            return False
-
-        results = pool.run([job.path for job in jobs], wanted=wanted)
-        out, at = [], 0
-        for batch in group:
-            out.append((batch, results[at:at + len(batch)],
-                        {i - at: moved for i, moved in moves.items() if at <= i < at + len(batch)}))
-            at += len(batch)
-        return out
-
-    def reader() -> None:
-        lookup = Store(engine.store.directory, create=False)
-        try:
-            for group in work:
-                item = read(lookup, group)
-                while not stop.is_set():
-                    try:
-                        ready.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            ready.put(None)
-        except BaseException as e:  # noqa: BLE001  (handed to the main thread, which raises it)
-            ready.put(e)
-        finally:
-            lookup.close()
-
-    thread = threading.Thread(target=reader, name="simsearch-reader", daemon=True)
-    thread.start()
-    try:
-        while (item := ready.get()) is not None:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        pool.cancel()  # a decoder stuck on a file must not hold up Ctrl-C
-        while thread.is_alive():
-            with contextlib.suppress(queue.Empty):
-                ready.get_nowait()  # unblock a reader waiting to hand over a group
-            thread.join(0.05)
 
 
 def store_batch(engine, batch: list[Job], results: list[decode_pool.FileResult], moves: dict[int, FileRecord],

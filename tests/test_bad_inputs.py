@@ -21,7 +21,7 @@ import pytest
 
 from badfiles import write_corpus
 from conftest import write_wav
-from simsearch import Engine, EngineConfig, audio, decode_pool, synth
+from simsearch import Engine, EngineConfig, audio, decode_pool, indexer, synth
 from simsearch.config import ReadConfig
 from test_crash_safety import CLI, launch
 
@@ -84,8 +84,9 @@ def test_corpus_good_files_indexed_bad_ones_reported_and_remembered(tmp_path, li
 
         # Remembered: a second run decodes nothing and reports the same failures.
         decoded = []
-        real_run = decode_pool.DecodePool.run
-        monkeypatch.setattr(decode_pool.DecodePool, "run", lambda self, paths, **kw: decoded.extend(paths) or real_run(self, paths, **kw))
+        real_reader = indexer.ReadAhead
+        monkeypatch.setattr(indexer, "ReadAhead", lambda store, work, **kw: decoded.extend(
+            path for group in work for batch in group for path in batch) or real_reader(store, work, **kw))
         again = engine.index([tmp_path / "corpus"])
         assert dict(again.failed) == dict(report.failed) and not again.added
         assert decoded == []
@@ -97,6 +98,7 @@ def test_corpus_good_files_indexed_bad_ones_reported_and_remembered(tmp_path, li
         os.replace(tmp_path / "fixed.wav", fixed)
         third = engine.index([tmp_path / "corpus"])
         assert third.added == [fixed] and fixed not in dict(engine.failures())
+        assert decoded == [fixed]  # and only it was read again
 
 
 def test_names_that_are_not_utf8_survive_storage_labels_json_and_remove(tmp_path, engine):

@@ -11,6 +11,7 @@ what searching each alone gives.
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from conftest import write_wav
 
 from simsearch import Engine, EngineConfig, audio, decode_pool, indexer, synth
 from simsearch.config import ReadConfig
+from simsearch.errors import SimsearchError
 
 pytest.importorskip("torch")
 
@@ -110,10 +112,11 @@ def test_moves_and_copies_are_decided_the_same_reading_ahead(tmp_path, library):
 
 
 def test_an_error_while_embedding_stops_the_reader_and_its_workers(tmp_path, library, monkeypatch):
-    calls = []
+    calls, helpers = [], []
 
     def failing(engine, decoded):
         calls.append(len(decoded))
+        helpers.extend(_descendants(os.getpid()))  # the reader process and its decoders, at work
         raise RuntimeError("the encoder broke")
 
     monkeypatch.setattr(indexer, "embed_batch", failing)
@@ -121,8 +124,54 @@ def test_an_error_while_embedding_stops_the_reader_and_its_workers(tmp_path, lib
         with pytest.raises(RuntimeError, match="the encoder broke"):
             engine.index([library])
         assert calls == [16] and engine.info()["files"] == 0  # one group: 8 batches of 2
-    children = [int(p) for p in os.listdir("/proc") if p.isdigit() and _parent(int(p)) == os.getpid()]
-    assert children == [], "decode workers were left running"
+    assert len(helpers) >= 2  # a reader and at least one decoder
+    deadline = time.monotonic() + 5
+    while (alive := [pid for pid in helpers if _running(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.05)  # decoders are killed by the kernel when their reader dies: soon, not at once
+    assert alive == [], "the reader or its decoders were left running"
+
+
+def test_a_reader_that_dies_is_a_clear_error_and_keeps_what_was_written(tmp_path, library, monkeypatch):
+    real_run, real_embed = decode_pool.DecodePool.run, indexer.embed_batch
+    runs, received = [], tmp_path / "first group received"
+
+    def dies_on_the_second_group(self, paths, **kwargs):  # runs in the reader process
+        runs.append(paths)
+        if len(runs) == 2:
+            for _ in range(200):  # once the first group has been handed over
+                if received.exists():
+                    break
+                time.sleep(0.05)
+            os._exit(1)  # as if killed for want of memory
+        return real_run(self, paths, **kwargs)
+
+    def embed(engine, decoded):
+        received.touch()
+        return real_embed(engine, decoded)
+
+    monkeypatch.setattr(decode_pool.DecodePool, "run", dies_on_the_second_group)
+    monkeypatch.setattr(indexer, "embed_batch", embed)
+    real_groups = indexer.groups
+    monkeypatch.setattr(indexer, "groups", lambda work: real_groups(work, max_files=4))
+    with Engine(tmp_path / "idx", encoder="features", config=EngineConfig(batch_files=2)) as engine:
+        with pytest.raises(SimsearchError, match="reading the files stopped unexpectedly"):
+            engine.index([library])
+        assert engine.info()["files"] == 4  # the first group's two batches were written
+        monkeypatch.undo()
+        assert len(engine.index([library]).added) == 12  # and the rest comes with the next run
+
+
+def _descendants(pid: int) -> list[int]:
+    children = [int(p) for p in os.listdir("/proc") if p.isdigit() and _parent(int(p)) == pid]
+    return children + [grandchild for child in children for grandchild in _descendants(child)]
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
 
 
 def _parent(pid: int) -> int | None:

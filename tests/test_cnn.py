@@ -118,11 +118,13 @@ def test_sounds_apart_and_robust_to_gain_and_noise(model):
     assert np.abs(g - a).max() < 1e-4
 
 
-def test_the_encoder_declares_the_shipped_model_version_without_importing_torch():
+def test_the_encoder_declares_the_shipped_model_version_dim_and_rate_without_importing_torch():
     from simsearch.encoders import CNNEncoder
 
     assert CNNEncoder.version == str(cnn.MODEL_VERSION) == CNNEncoder().version
     assert CNNEncoder.versions == cnn.SHIPPED_VERSIONS and cnn.MODEL_VERSION in cnn.SHIPPED_VERSIONS
+    assert (CNNEncoder.dim, CNNEncoder.sample_rate) == (cnn.EMBEDDING_DIM, cnn.SAMPLE_RATE) \
+        == (CNNEncoder().dim, CNNEncoder().sample_rate)
 
 
 def test_non_finite_samples_count_as_silence(model):

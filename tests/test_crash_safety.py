@@ -104,11 +104,12 @@ sqlite_utils.Database.execute = execute
 atexit.register(lambda: print("commits", commits, "statements", statements, flush=True))
 
 real_decode = audio.decode
+indexer_pid = os.getpid()
 
 
-def decode(data, *, path, **kwargs):  # runs in the forked decode worker
+def decode(data, *, path, **kwargs):  # runs in a decode worker (a child of the reader process)
     if point == "decode" and os.path.basename(path) == argument:
-        os.kill(os.getppid(), signal.SIGKILL)  # the indexer dies while this file is being decoded
+        os.kill(indexer_pid, signal.SIGKILL)  # the indexer dies while this file is being decoded
         time.sleep(0.5)
     return real_decode(data, path=path, **kwargs)
 
