@@ -12,9 +12,10 @@ is (bench/README.md).
 
 A file whose content is already indexed under a path that is gone is a move and is not
 decoded. Only the indexing process opens the database (SQLite connections must not cross a
-fork), so the reader starts with the first 64 bits of every indexed content hash
-(:meth:`~simsearch.store.Store.hash_prefixes`) and asks the indexing process about a file
-only when its hash could be one of them: never, when a library is indexed for the first time.
+fork), so the reader asks it about each file once the file is hashed, in the order of the
+files, and a thread of the indexing process answers. Into an index that holds no files yet
+(a library indexed for the first time, the long runs) nothing can be a move and the reader
+asks nothing, so nothing it does waits on the indexing process's GIL.
 
 Messages are JSON headers plus raw float32 bytes, never pickles, as in the decode pool.
 """
@@ -63,12 +64,13 @@ class ReadAhead:
     """
 
     def __init__(self, store, work: Sequence[Group], *, sample_rate: int, max_seconds: float, timeout: float):
+        import queue  # noqa: F401  (imported before the fork: the reader then finds them loaded)
         from multiprocessing.connection import Connection
 
         self._work = [[list(batch) for batch in group] for group in work]
         self._sample_rate = sample_rate
         self._directory = store.directory
-        known = store.hash_prefixes()
+        ask = store.count("files") > 0  # else no file can be a move
         data, their_data = socket.socketpair()
         asks, their_asks = socket.socketpair()
         parent = os.getpid()
@@ -77,7 +79,7 @@ class ReadAhead:
             try:
                 data.close()
                 asks.close()
-                _reader_main(their_data.detach(), their_asks.detach(), parent, known, self._work,
+                _reader_main(their_data.detach(), their_asks.detach(), parent, ask, self._work,
                              dict(sample_rate=sample_rate, max_seconds=max_seconds, timeout=timeout))
             finally:
                 os._exit(70)
@@ -169,11 +171,10 @@ def _rebuild(header: dict) -> BaseException:
     return errors.SimsearchError(f"reading the files failed ({header['raise']}: {header['message']})")
 
 
-def _reader_main(data_fd: int, asks_fd: int, parent: int, known: np.ndarray, work: list[Group],
+def _reader_main(data_fd: int, asks_fd: int, parent: int, ask: bool, work: list[Group],
                  pool_settings: dict) -> None:
     """The reader process: decode group after group, a sender thread handing each over."""
     import queue
-
     from multiprocessing.connection import Connection
 
     # A copy of the indexing process: collecting copies of its objects could close its
@@ -203,10 +204,8 @@ def _reader_main(data_fd: int, asks_fd: int, parent: int, known: np.ndarray, wor
                 moves: dict[int, FileRecord] = {}
 
                 def wanted(i: int, content_hash: str) -> bool:
-                    prefix = np.uint64(int(content_hash[:16], 16))
-                    at = int(np.searchsorted(known, prefix))
-                    if at == len(known) or known[at] != prefix:
-                        return True  # no indexed file has this content
+                    if not ask:
+                        return True
                     asks.send_bytes(json.dumps({"hash": content_hash, "path": paths[i]}).encode())
                     answer = json.loads(asks.recv_bytes())
                     if "raise" in answer:
