@@ -8,7 +8,6 @@ malicious file) costs that file, not the run. Workers call :func:`simsearch.audi
 from __future__ import annotations
 
 import collections
-import contextlib
 import gc
 import json
 import math
@@ -26,10 +25,6 @@ import numpy as np
 from . import audio
 from .audio import Decoded
 from .errors import AudioReadError
-
-
-class Cancelled(Exception):
-    """Raised by :meth:`DecodePool.run` after :meth:`DecodePool.cancel`."""
 
 
 @dataclass
@@ -82,7 +77,6 @@ class DecodePool:
         self.workers = max(1, workers or min(4, os.cpu_count() or 1))
         self._idle: list[_Worker] = []
         self._all: dict[int, _Worker] = {}
-        self._cancelled = False
 
     def __enter__(self):
         return self
@@ -146,8 +140,6 @@ class DecodePool:
 
         try:
             while queue or busy:
-                if self._cancelled:
-                    raise Cancelled("the decode pool was cancelled")
                 while queue and (self._idle or len(self._all) < self.workers):
                     i = queue.popleft()
                     worker = self._idle.pop() if self._idle else self._spawn()
@@ -247,15 +239,6 @@ class DecodePool:
         if status is not None and os.WIFEXITED(status):
             return f"the decoder exited unexpectedly (status {os.WEXITSTATUS(status)})"
         return "the decoder was killed (out of memory?)"
-
-    def cancel(self) -> None:
-        """Make a :meth:`run` in progress in another thread stop soon (raising
-        :class:`Cancelled`), and every later one at once. Safe from any thread: it only kills
-        the workers; the thread running :meth:`run` (or :meth:`close`) reaps them."""
-        self._cancelled = True
-        for worker in list(self._all.values()):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(worker.pid, signal.SIGKILL)
 
     def close(self) -> None:
         """Stop every worker."""
