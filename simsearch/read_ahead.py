@@ -12,10 +12,13 @@ is (bench/README.md).
 
 A file whose content is already indexed under a path that is gone is a move and is not
 decoded. Only the indexing process opens the database (SQLite connections must not cross a
-fork), so the reader asks it about each file once the file is hashed, in the order of the
-files, and a thread of the indexing process answers. Into an index that holds no files yet
-(a library indexed for the first time, the long runs) nothing can be a move and the reader
-asks nothing, so nothing it does waits on the indexing process's GIL.
+fork), so the reader asks it about a file once the file is hashed, in the order of the
+files, and a thread of the indexing process answers. A question is a round trip through that
+process's GIL (about 0.1 ms beside the embedding, 1 s while torch is imported), so the reader
+starts with the first 64 bits of every indexed content hash and asks only about a file whose
+hash could be one of them, unless reading those (~1.4 us a file) would cost more than asking
+about every file to read (an index 100 times larger than the batch). Into an empty index,
+the first and longest runs, it asks nothing.
 
 Messages are JSON headers plus raw float32 bytes, never pickles, as in the decode pool.
 """
@@ -70,7 +73,8 @@ class ReadAhead:
         self._work = [[list(batch) for batch in group] for group in work]
         self._sample_rate = sample_rate
         self._directory = store.directory
-        ask = store.count("files") > 0  # else no file can be a move
+        indexed, to_read = store.count("files"), sum(len(batch) for group in work for batch in group)
+        known = store.hash_prefixes() if indexed <= ASK_ALL_RATIO * to_read else None
         data, their_data = socket.socketpair()
         asks, their_asks = socket.socketpair()
         parent = os.getpid()
@@ -79,7 +83,7 @@ class ReadAhead:
             try:
                 data.close()
                 asks.close()
-                _reader_main(their_data.detach(), their_asks.detach(), parent, ask, self._work,
+                _reader_main(their_data.detach(), their_asks.detach(), parent, known, self._work,
                              dict(sample_rate=sample_rate, max_seconds=max_seconds, timeout=timeout))
             finally:
                 os._exit(70)
@@ -163,6 +167,21 @@ class ReadAhead:
                 lookup.close()
 
 
+ASK_ALL_RATIO = 100
+"""Above this many indexed files per file to read, the reader asks about every file instead
+of first reading every indexed hash prefix (see the module docstring)."""
+
+
+def _may_be_indexed(known: np.ndarray, content_hash: str) -> bool:
+    """Whether ``content_hash``'s first 64 bits are among ``known`` (sorted uint64)."""
+    try:
+        prefix = np.uint64(int(content_hash[:16], 16))
+    except ValueError:
+        return True
+    at = int(np.searchsorted(known, prefix))
+    return at < len(known) and known[at] == prefix
+
+
 def _rebuild(header: dict) -> BaseException:
     """The reader's exception, as the same class when it is one of ours."""
     cls = getattr(errors, header["raise"], None)
@@ -171,7 +190,7 @@ def _rebuild(header: dict) -> BaseException:
     return errors.SimsearchError(f"reading the files failed ({header['raise']}: {header['message']})")
 
 
-def _reader_main(data_fd: int, asks_fd: int, parent: int, ask: bool, work: list[Group],
+def _reader_main(data_fd: int, asks_fd: int, parent: int, known: np.ndarray | None, work: list[Group],
                  pool_settings: dict) -> None:
     """The reader process: decode group after group, a sender thread handing each over."""
     import queue
@@ -204,7 +223,7 @@ def _reader_main(data_fd: int, asks_fd: int, parent: int, ask: bool, work: list[
                 moves: dict[int, FileRecord] = {}
 
                 def wanted(i: int, content_hash: str) -> bool:
-                    if not ask:
+                    if known is not None and not _may_be_indexed(known, content_hash):
                         return True
                     asks.send_bytes(json.dumps({"hash": content_hash, "path": paths[i]}).encode())
                     answer = json.loads(asks.recv_bytes())

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from conftest import write_wav
 
-from simsearch import Engine, EngineConfig, audio, decode_pool, indexer, synth
+from simsearch import Engine, EngineConfig, audio, decode_pool, indexer, read_ahead, synth
 from simsearch.config import ReadConfig
-from simsearch.errors import SimsearchError
+from simsearch.errors import CorruptIndexError, SimsearchError
 
 pytest.importorskip("torch")
 
@@ -93,9 +93,13 @@ def test_many_query_rows_search_as_each_alone(mixed, alone, tmp_path):
             assert np.array_equal(ids[row], alone_ids[0]) and np.allclose(scores[row], alone_scores[0], atol=1e-6)
 
 
-def test_moves_and_copies_are_decided_the_same_reading_ahead(tmp_path, library):
+@pytest.mark.parametrize("ask_all", [False, True], ids=["filtered-questions", "a-question-per-file"])
+def test_moves_and_copies_are_decided_the_same_reading_ahead(tmp_path, library, monkeypatch, ask_all):
     """Small batches, so a move and a copy of the same content land in different batches
-    than the file they come from, while earlier batches are still being written."""
+    than the file they come from, while earlier batches are still being written. The reader
+    asks about every file, or only about those whose hash prefix is indexed."""
+    if ask_all:
+        monkeypatch.setattr(read_ahead, "ASK_ALL_RATIO", 0)
     with Engine(tmp_path / "idx", encoder="features", config=EngineConfig(batch_files=2)) as engine:
         engine.index([library], label_from_folders=True)
         os.rename(library / "bell" / "bell_0.wav", library / "hum" / "zz_moved_bell.wav")
@@ -159,6 +163,22 @@ def test_a_reader_that_dies_is_a_clear_error_and_keeps_what_was_written(tmp_path
         assert engine.info()["files"] == 4  # the first group's two batches were written
         monkeypatch.undo()
         assert len(engine.index([library]).added) == 12  # and the rest comes with the next run
+
+
+def test_an_error_while_recognising_a_move_is_raised_by_index_and_writes_nothing(tmp_path, library, monkeypatch):
+    with Engine(tmp_path / "idx", encoder="features") as engine:
+        engine.index([library / "bell"])
+        (library / "hum" / "a_copy_of_bell_0.wav").write_bytes((library / "bell" / "bell_0.wav").read_bytes())
+
+        def damaged(*args, **kwargs):  # answered in this process, for the reader process
+            raise CorruptIndexError("simsearch.db: database disk image is malformed")
+
+        monkeypatch.setattr(indexer, "find_moved", damaged)
+        with pytest.raises(CorruptIndexError, match="malformed"):
+            engine.index([library])
+        monkeypatch.undo()
+        assert engine.info()["files"] == 4
+        assert len(engine.index([library]).added) == 13
 
 
 def _descendants(pid: int) -> list[int]:
