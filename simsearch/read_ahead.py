@@ -18,7 +18,10 @@ process's GIL (about 0.1 ms beside the embedding, 1 s while torch is imported), 
 starts with the first 64 bits of every indexed content hash and asks only about a file whose
 hash could be one of them, unless reading those (~1.4 us a file) would cost more than asking
 about every file to read (an index 100 times larger than the batch). Into an empty index,
-the first and longest runs, it asks nothing.
+the first and longest runs, it asks nothing. Prefixes and answers may come from before the
+indexing process wrote the batches ahead of a file, and that changes nothing: a file this run
+adds exists, so it is never the origin of a move, and an origin is claimed once; reading ahead
+decides exactly as reading in step would.
 
 Messages are JSON headers plus raw float32 bytes, never pickles, as in the decode pool.
 """
