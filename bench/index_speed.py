@@ -9,6 +9,8 @@ For each, in the same run:
 * **cli**: ``simsearch index DIR --index NEW --quiet`` as a subprocess: wall time from
   launch to exit, interpreter start and imports included;
 * **api**: ``Engine.index`` in this process with torch already imported (the pipeline alone);
+  also into an index that already holds one other file, where every file's content must be
+  checked against the indexed ones (a possible move) before it is decoded;
 * **naive** (the baseline): ``librosa.load`` + ``librosa.feature.melspectrogram`` + the model,
   one file (for a long file: one window, cut as simsearch cuts it) at a time;
 
@@ -55,6 +57,15 @@ def long_library(directory: Path, n_files: int, seconds: float) -> Path:
         y = np.concatenate(parts)[:int(seconds * synth.SAMPLE_RATE)]
         sf.write(directory / f"field_{f:03d}.wav", y, synth.SAMPLE_RATE, subtype="PCM_16")
     return directory
+
+
+def _write_other(path: Path) -> None:
+    """One short sound unlike the library's files: an index that is not empty."""
+    import soundfile as sf
+
+    from simsearch import synth
+
+    sf.write(path, synth.make("bell", 99, seconds=1.0), synth.SAMPLE_RATE, subtype="PCM_16")
 
 
 def audio_seconds(files: list[Path]) -> float:
@@ -121,11 +132,15 @@ def cli(directory: Path, index: Path) -> tuple[float, float]:
     return time.perf_counter() - started, cpu_seconds() - cpu
 
 
-def api(directory: Path, index: Path) -> tuple[float, float]:
+def api(directory: Path, index: Path, *, already: Path | None = None) -> tuple[float, float]:
+    """(wall, CPU seconds) of ``Engine.index`` with the model loaded; with ``already`` (a file),
+    into an index that holds it, so that every file's content must be checked for a move."""
     from simsearch import Engine
 
     with Engine(index) as engine:
         _ = engine.encoder  # loaded before the clock starts: this measures the pipeline
+        if already is not None:
+            engine.index([already])
         cpu, started = cpu_seconds(), time.perf_counter()
         report = engine.index([directory])
         elapsed = time.perf_counter() - started
@@ -185,10 +200,16 @@ def main() -> None:
             naive_s, naive_threads = naive(files) if not args.skip_naive else (float("nan"), 0)
             cli_s, cli_cpu = cli(directory, tmp / f"{name}-cli")
             api_s, api_cpu = api(directory, tmp / f"{name}-api")
+            (tmp / f"{name}-other").mkdir()
+            other = tmp / f"{name}-other" / "other.wav"
+            _write_other(other)
+            nonempty_s, _ = api(directory, tmp / f"{name}-api-nonempty", already=other)
             figures[f"{name}: naive loop (baseline)"] = (f"{naive_s:.1f} s = {seconds / naive_s:.0f}x real time "
                                                          f"({naive_threads} torch thread(s))")
             figures[f"{name}: simsearch index (cli)"] = f"{cli_s:.1f} s = {seconds / cli_s:.0f}x real time"
             figures[f"{name}: Engine.index (api)"] = f"{api_s:.1f} s = {seconds / api_s:.0f}x real time"
+            figures[f"{name}: Engine.index into an index holding a file (api)"] = \
+                f"{nonempty_s:.1f} s = {seconds / nonempty_s:.0f}x real time ({api_s / nonempty_s:.2f}x the empty index's speed)"
             figures[f"{name}: CPU seconds (cli, api)"] = (round(cli_cpu, 1), round(api_cpu, 1))
             # What 2 otherwise idle cores could do with this much CPU work, if it all ran in
             # parallel: the ceiling the measured wall time approaches as the machine quiets.
