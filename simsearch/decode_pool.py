@@ -253,13 +253,7 @@ def _worker_main(fd: int, parent: int, sample_rate: int, max_seconds: float) -> 
     """
     from multiprocessing.connection import Connection
 
-    # This process is a copy of the parent: garbage-collecting a copy of the parent's objects
-    # could close the parent's database connection behind its back, so nothing is collected
-    # and the stack is never unwound (the only way out is os._exit).
-    gc.disable()
-    _die_with_parent(parent)
-    _close_inherited_fds(keep=fd)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the parent stops us, without tracebacks
+    settle_forked_child(parent, keep={fd})
     conn = Connection(fd)
     while True:
         try:
@@ -294,6 +288,21 @@ def _worker_main(fd: int, parent: int, sample_rate: int, max_seconds: float) -> 
             os._exit(0)
 
 
+def settle_forked_child(parent: int, *, keep: set[int]) -> None:
+    """First steps of a forked helper (a decoder, or :mod:`simsearch.read_ahead`'s reader).
+
+    The process is a copy of its parent: garbage-collecting a copy of the parent's objects
+    could close the parent's database connection behind its back, so nothing is collected
+    and the stack is never unwound (the only way out is os._exit). It dies with the parent,
+    holds no descriptor but stdio and ``keep``, and ignores Ctrl-C (the parent stops it,
+    without tracebacks).
+    """
+    gc.disable()
+    _die_with_parent(parent)
+    _close_inherited_fds(keep=keep)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _die_with_parent(parent: int) -> None:
     """Ask Linux to SIGKILL this process when the parent dies (so a decoder stuck on a file
     cannot outlive a killed indexer); elsewhere an orphan still exits at its next message."""
@@ -308,10 +317,9 @@ def _die_with_parent(parent: int) -> None:
         os._exit(0)
 
 
-def _close_inherited_fds(keep: int | set[int]) -> None:
+def _close_inherited_fds(keep: set[int]) -> None:
     """Close every descriptor but stdio and ``keep``: a worker must not hold the index lock or
     the database open (they would outlive a killed parent, or be touched from two processes)."""
-    keep = {keep} if isinstance(keep, int) else set(keep)
     try:
         fds = [int(name) for name in os.listdir("/proc/self/fd")]
     except OSError:

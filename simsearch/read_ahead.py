@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import gc
 import json
 import os
 import signal
@@ -160,7 +159,7 @@ class ReadAhead:
                     if moved:
                         claimed.add(moved.id)
                 except Exception as e:  # noqa: BLE001  (the reader raises it, and then we do)
-                    answer = {"raise": type(e).__name__, "message": str(e)}
+                    answer = _raising(e)
                 try:
                     self._asks.send_bytes(json.dumps(answer).encode())
                 except OSError:
@@ -185,8 +184,13 @@ def _may_be_indexed(known: np.ndarray, content_hash: str) -> bool:
     return at < len(known) and known[at] == prefix
 
 
+def _raising(error: BaseException) -> dict:
+    """``error`` as a message for the other process; :func:`_rebuild` makes it again there."""
+    return {"raise": type(error).__name__, "message": str(error)}
+
+
 def _rebuild(header: dict) -> BaseException:
-    """The reader's exception, as the same class when it is one of ours."""
+    """The exception a :func:`_raising` message describes, as the same class when it is one of ours."""
     cls = getattr(errors, header["raise"], None)
     if isinstance(cls, type) and issubclass(cls, errors.SimsearchError):
         return cls(header["message"])
@@ -199,12 +203,7 @@ def _reader_main(data_fd: int, asks_fd: int, parent: int, known: np.ndarray | No
     import queue
     from multiprocessing.connection import Connection
 
-    # A copy of the indexing process: collecting copies of its objects could close its
-    # database behind its back, so nothing is collected and the only way out is os._exit.
-    gc.disable()
-    decode_pool._die_with_parent(parent)
-    decode_pool._close_inherited_fds(keep={data_fd, asks_fd})
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the indexing process stops us
+    decode_pool.settle_forked_child(parent, keep={data_fd, asks_fd})
     data, asks = Connection(data_fd), Connection(asks_fd)
     outbox: queue.Queue = queue.Queue(maxsize=1)
 
@@ -246,7 +245,7 @@ def _reader_main(data_fd: int, asks_fd: int, parent: int, known: np.ndarray | No
                     memoryview(np.ascontiguousarray(r.decoded.samples, dtype=np.float32)).cast("B")
                     for r in results if r.decoded is not None])
     except BaseException as e:  # noqa: BLE001  (the indexing process raises it)
-        outbox.put([json.dumps({"raise": type(e).__name__, "message": str(e)}).encode()])
+        outbox.put([json.dumps(_raising(e)).encode()])
     outbox.put(None)
     thread.join()
     os._exit(0)
