@@ -80,7 +80,7 @@ class Engine:
         """The encoder in use, built on first need (so ``info`` never imports torch)."""
         if self._encoder is None:
             recorded = self.store.encoder()
-            name = self._encoder_name or (recorded[0] if recorded else self.config.encoder)
+            name = self._wanted_name(recorded)
             if recorded and name == recorded[0] == ADAPTED_NAME:
                 encoder = load_adapted(self.store.directory, recorded[1])  # made by `simsearch train`
             else:  # an index made by an earlier release keeps its model while this one still ships it
@@ -89,13 +89,17 @@ class Engine:
             self._encoder = encoder
         return self._encoder
 
+    def _wanted_name(self, recorded: tuple[str, str, int] | None) -> str:
+        """The encoder asked for: the one named when opening, else the index's, else the default."""
+        return self._encoder_name or (recorded[0] if recorded else self.config.encoder)
+
     @property
     def sample_rate(self) -> int:
         """Hz: the rate the encoder wants its audio at, read from the encoder's class when it
         declares one, so asking does not build the encoder (nor import torch)."""
         if self._encoder is None:
             recorded = self.store.encoder()
-            name = self._encoder_name or (recorded[0] if recorded else self.config.encoder)
+            name = self._wanted_name(recorded)
             factory = CNNEncoder if name == ADAPTED_NAME else ENCODERS.get(name)
             rate = getattr(factory, "sample_rate", None)
             if isinstance(rate, int):
@@ -118,7 +122,7 @@ class Engine:
             # A new or emptied index: record the encoder from its class when the class declares
             # all of it, so the model is loaded (and torch imported) only once the decoders are
             # already busy with the first files (indexer.run_jobs).
-            name = self._encoder_name or (recorded[0] if recorded else self.config.encoder)
+            name = self._wanted_name(recorded)
             factory = ENCODERS.get(name) if name != ADAPTED_NAME else None
             dim = getattr(factory, "dim", None)
             version = version_to_build(name, recorded[1] if recorded and recorded[0] == name else None)
@@ -127,7 +131,7 @@ class Engine:
                 return
             self.store.claim_encoder(name, version, dim)
             return
-        name = self._encoder_name or recorded[0]
+        name = self._wanted_name(recorded)
         if name == recorded[0] == ADAPTED_NAME:
             return  # its version is the checksum of the model file it was recorded with
         if name not in ENCODERS:
