@@ -160,11 +160,11 @@ def summarise_unknown(scores: UnknownScores, *, threshold: float, rounds: list[t
     candidates = np.unique(np.concatenate([known, unknown]))
     balanced = [_balanced_accuracy(known, unknown, t) for t in candidates]
     best = float(candidates[int(np.argmax(balanced))])
-    rounds = [{**name, "auroc": auroc(np.array(k), np.array(u)) if k and u else None}
-              for name, (k, u) in zip(scores.names, scores.rounds)]
-    per_round = [r["auroc"] for r in rounds if r["auroc"] is not None]
+    each_round = [{**name, "auroc": auroc(np.array(k), np.array(u)) if k and u else None}
+                  for name, (k, u) in zip(scores.names, scores.rounds)]
+    per_round = [r["auroc"] for r in each_round if r["auroc"] is not None]
     return {"hidden_classes": n_unknown, "repeats": repeats, "auroc": auroc(known, unknown),
-            "auroc_per_round": float(np.mean(per_round)) if per_round else None, "rounds": rounds,
+            "auroc_per_round": float(np.mean(per_round)) if per_round else None, "rounds": each_round,
             "threshold": threshold,
             "decision_accuracy": _decision_accuracy(known, unknown, threshold),
             "balanced_accuracy": _balanced_accuracy(known, unknown, threshold),
